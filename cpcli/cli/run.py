@@ -1,0 +1,138 @@
+"""`cp run` and `cp validate`: a recipe checked, or run to a recorded session."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import typer
+from rich.live import Live
+
+from cpcli.cli.display import nodes_table, progress_view, summary_lines
+from cpcli.cli.output import err_console, out_console
+from cpcli.durations import parse_duration
+from cpcli.errors import RecipeError
+from cpcli.recipe import load_recipe
+from cpcli.registry import load_registry
+from cpcli.runtime.session import Progress, RunOptions, StopControl, run_session
+
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def _stop_on_signals(stop: StopControl, interrupted: list[bool]) -> Iterator[None]:
+    """Ctrl-C stops in order (a second one forces); SIGTERM stops in order."""
+
+    def on_sigint(_signum: int, _frame: FrameType | None) -> None:
+        interrupted[0] = True
+        if stop.requested.is_set():
+            stop.forced.set()
+        else:
+            stop.requested.set()
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        stop.requested.set()
+
+    old_int = signal.signal(signal.SIGINT, on_sigint)
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+class _Reporter:
+    """Live progress on a terminal; a line per phase elsewhere (logs, CI)."""
+
+    def __init__(self, live: Live | None, quiet: bool) -> None:
+        self._live = live
+        self._quiet = quiet
+        self._phase = ""
+
+    def __call__(self, progress: Progress) -> None:
+        if self._live is not None:
+            self._live.update(progress_view(progress))
+        elif not self._quiet and progress.phase != self._phase:
+            messages = {"starting": f"starting {len(progress.nodes)} nodes in {progress.session_dir}",
+                        "running": "recording; stop with Ctrl-C", "stopping": "stopping: closing recordings"}
+            if progress.phase in messages:
+                err_console.print(messages[progress.phase])
+        self._phase = progress.phase
+
+
+def run_command(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
+    duration: str = typer.Option(None, "--duration", "-d", help="Stop after this long: 30, 30s, 5m, 1h."),
+    out: Path = typer.Option(Path("sessions"), "--out", "-o", help="Folder that holds session folders."),
+    session: str = typer.Option(None, "--session", help="Session folder name (default: UTC time + recipe name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
+) -> int:
+    """Run a recipe and record it; stops on Ctrl-C or after --duration."""
+    duration_s = parse_duration(duration) if duration is not None else None
+    registry = load_registry()
+    loaded = load_recipe(recipe, registry)
+    stop, interrupted = StopControl(), [False]
+    options = RunOptions(out_dir=out, session_name=session, duration_s=duration_s)
+    live = Live(console=err_console, refresh_per_second=4, transient=True) if (
+        err_console.is_terminal and not as_json) else None
+    with _stop_on_signals(stop, interrupted):
+        if live is not None:
+            with live:
+                result = run_session(loaded, registry, options, stop, _Reporter(live, as_json))
+        else:
+            result = run_session(loaded, registry, options, stop, _Reporter(None, as_json))
+    if as_json:
+        out_console.print_json(json.dumps(_json_result(result.session_dir, result.manifest, result.failures,
+                                                       result.interrupted)))
+    else:
+        out_console.print(nodes_table(result.nodes))
+        for line in summary_lines(result):
+            out_console.print(line, markup=False)
+    for node_id, message in result.failures.items():
+        err_console.print("[red]error:[/red] ", end="")
+        err_console.print(f"node {node_id} failed: {message}; full traceback in "
+                          f"{result.logs_dir / (node_id + '.log')}", markup=False)
+    if result.failures:
+        return 1
+    return EXIT_INTERRUPTED if interrupted[0] else 0
+
+
+def _json_result(session_dir: Path, manifest: dict[str, Any], failures: dict[str, str],
+                 interrupted: bool) -> dict[str, Any]:
+    return {"session_dir": str(session_dir), "manifest": str(session_dir / "manifest.json"),
+            "status": "interrupted" if interrupted and not failures else manifest.get("status"),
+            "duration_ns": manifest["duration_ns"], "failures": failures,
+            "nodes": {n: {"state": v["state"], "stats": v["stats"], "files": len(v["files"])}
+                      for n, v in manifest["nodes"].items()}}
+
+
+def validate_command(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
+) -> int:
+    """Check a recipe completely without starting anything."""
+    registry = load_registry()
+    try:
+        loaded = load_recipe(recipe, registry)
+    except RecipeError as err:
+        if not as_json:
+            raise
+        out_console.print_json(json.dumps({"valid": False, "problems": err.problems}))
+        return 1
+    sources = [n for n in loaded.nodes if not n.inputs]
+    recorded = [n.id for n in loaded.nodes if n.record]
+    if as_json:
+        out_console.print_json(json.dumps({
+            "valid": True, "recipe": loaded.name, "nodes": [n.id for n in loaded.nodes],
+            "sources": [n.id for n in sources], "edges": len(loaded.edges), "recorded": recorded}))
+        return 0
+    out_console.print(
+        f"{recipe}: recipe {loaded.name!r} is valid: {len(loaded.nodes)} nodes ({len(sources)} sources), "
+        f"{len(loaded.edges)} edges, recording {', '.join(recorded) or 'nothing'}", markup=False)
+    return 0

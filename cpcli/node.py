@@ -1,0 +1,107 @@
+"""The public node API: what a node author imports, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+from cpcli.clock import Clock
+from cpcli.errors import CpError, DeviceError, NodeConfigError, NodeError
+
+__all__ = [
+    "Clock",
+    "CpError",
+    "DeviceError",
+    "Inputs",
+    "Node",
+    "NodeConfigError",
+    "NodeContext",
+    "NodeError",
+    "Outputs",
+    "Sample",
+]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A value with its capture time on the cluster clock.
+
+    Args:
+        value: a numpy array (video frame HxW/HxWx3 uint8, audio block frames x channels),
+            a flat dict of scalars (a table row) or any JSON-able value (an event).
+        t_ns: capture time in cluster nanoseconds (`ctx.clock.now_ns()` or a device's time
+            mapped with `ctx.clock.to_cluster_ns`); None stamps it when `step()` returns.
+        rate_hz: the rate of the data inside the value where it has one: an audio block's
+            sample rate, a video stream's nominal frame rate. Recorders need it (WAV, MP4).
+        seq: the publisher's sequence number; set by the runtime on received samples.
+    """
+
+    value: Any
+    t_ns: int | None = None
+    rate_hz: float | None = None
+    seq: int = -1
+
+
+Inputs = Mapping[str, Sample]
+"""What `step()` receives: one Sample per input, keyed as the recipe names it (`cam`, `cam.video`)."""
+
+Outputs = Union[Mapping[str, Any], Sample, Any, None]
+"""What `step()` returns: {port: value or Sample}, a bare value for a one-output node, or None."""
+
+
+@dataclass
+class NodeContext:
+    """What the runtime gives a node in `setup()`.
+
+    Args:
+        node_id: the node's id in the recipe.
+        clock: cluster time; stamp captures with `clock.now_ns()`.
+        logger: writes to the node's log file in the session folder.
+        worker: the name of the machine the node runs on.
+        data_dir: the node's own folder in the session, for files a node writes itself.
+    """
+
+    node_id: str
+    clock: Clock
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("cpcli.node"))
+    worker: str = "local"
+    data_dir: Path | None = None
+
+
+class Node:
+    """Base class of every node type.
+
+    Subclasses take their recipe `params:` as keyword-only `__init__` arguments (validate
+    them there and raise `NodeConfigError`; acquire nothing), acquire devices in `setup()`,
+    produce outputs in `step()` and release in `teardown()`.
+
+    Input arrays are read-only views on the transport's buffers and stay valid only during
+    the `step()` that receives them: copy what you keep. A returned value belongs to the
+    runtime (it is sent and recorded without a copy): never change it afterwards. A node with
+    one output that returns a table row whose only column is named like its port should wrap
+    the row in `Sample` so it is not read as {port: value}.
+
+    Class attributes:
+        outputs: the output port names; a node with one port may return a bare value.
+        input_count: how many inputs the node takes: 0 for a source, 1 for a node that
+            transforms one stream, None for any number of at least one.
+        rate_hz: for sources (no inputs), how often `step()` is called; 0 or None means as
+            fast as `step()` returns. An instance may set it in `__init__` from a param.
+    """
+
+    outputs: ClassVar[tuple[str, ...]] = ("out",)
+    input_count: ClassVar[int | None] = None
+    rate_hz: float | None = None
+
+    def setup(self, ctx: NodeContext) -> None:
+        """Acquire devices and resources; called once in the node's own process."""
+
+    def step(self, inputs: Inputs) -> Outputs:
+        """Produce outputs from inputs (sources get an empty mapping)."""
+        raise NotImplementedError(f"{type(self).__name__}.step() is not written")
+
+    def teardown(self) -> None:
+        """Release what `setup()` acquired; called only after a successful `setup()`."""

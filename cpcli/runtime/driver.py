@@ -1,0 +1,369 @@
+"""One node in one process: build it, wire it, step it, record it, report, and finish cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cpcli.archive.manifest import write_node_record
+from cpcli.archive.writer import NodeRecorder
+from cpcli.clock import Clock
+from cpcli.errors import CpError, PeerLostError
+from cpcli.node import Node, NodeContext, Sample
+from cpcli.runtime.inputs import InputSet
+from cpcli.runtime.stats import LatencyMeter, NodeStats, RateMeter
+from cpcli.runtime.timing import Timing
+from cpcli.transport.control import ControlClient
+from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.pubsub import Publisher, Subscriber
+
+IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
+MAX_STEPS_PER_TURN = 64  # steps before control and sockets get a look again (fairness)
+_PR_SET_PDEATHSIG = 1
+
+
+class _Stopped(Exception):
+    """The supervisor went away or asked us to stop before the session started."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM us when our parent dies; elsewhere the periodic check covers it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(1)
+
+
+def _split_outputs(result: Any, ports: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Normalize what step() returned into (port, value-or-Sample) pairs."""
+    if result is None:
+        return []
+    if isinstance(result, Mapping) and result and set(result) <= set(ports):
+        if len(ports) > 1:
+            return [(p, v) for p, v in result.items() if v is not None]
+        # One port: {port: value} is a port mapping unless it is a table row with one column
+        # that happens to share the port's name (a scalar value); wrap rows in Sample to be sure.
+        value = result[ports[0]]
+        if value is None or not isinstance(value, (int, float, str, bool)):
+            return [] if value is None else [(ports[0], value)]
+    if len(ports) == 1:
+        return [(ports[0], result)]
+    raise CpError(
+        f"step() returned a {type(result).__name__}, but the node has outputs {', '.join(ports)}",
+        hint="return a dict keyed by output port",
+    )
+
+
+class Driver:
+    """Runs one node: the only owner of its sockets, in one thread."""
+
+    def __init__(self, control_endpoint: str, node_id: str, parent_pid: int) -> None:
+        self.node_id = node_id
+        self._parent_pid = parent_pid
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._control = ControlClient(self._context, control_endpoint, node_id)
+        self._log = logging.getLogger(f"cpcli.node.{node_id}")
+        self._clock = Clock()
+        self._timing = Timing()
+        self._node: Node | None = None
+        self._set_up = False
+        self._publisher: Publisher | None = None
+        self._subscribers: list[Subscriber] = []
+        self._inputs: InputSet | None = None
+        self._recorder: NodeRecorder | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(self._control.socket, zmq.POLLIN)
+        self._stop_requested = False
+        self._stop_deadline = 0.0
+        self._next_parent_check = 0.0
+        self._rate = RateMeter()
+        self._latency = LatencyMeter()
+        self._config: dict[str, Any] = {}
+        self._start_ns = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        """Signal handler and STOP: finish the way a normal stop does (files closed, EOS sent)."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            self._stop_deadline = time.monotonic() + self._timing.drain_timeout_s
+
+    def run(self) -> int:
+        failed = False
+        try:
+            self._control.send(HELLO, {"pid": os.getpid()})
+            self._configure(self._await(CONFIG, self._timing.ready_timeout_s))
+            phase = "init"
+            try:
+                self._build()
+                phase = "setup"
+                assert self._node is not None
+                self._node.setup(self._context_for_node())
+                self._set_up = True
+                self._connect(self._await(CONNECT, self._timing.ready_timeout_s))
+                self._await_subscribers()
+                self._control.send(READY)
+                self._start_ns = int(self._await(START, None)["start_ns"])
+                self._start_recording()
+                phase = "step"
+                self._loop()
+            except _Stopped:
+                pass
+            except Exception as err:  # the node's own code failed: report it, keep what was recorded
+                failed = True
+                self._report_error(phase, err)
+        except _Stopped:
+            return 0
+        finally:
+            failed = self._finish() or failed
+        return 1 if failed else 0
+
+    def _configure(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._timing = Timing.from_dict(config.get("timing", {}))
+        log_path = config.get("log_path")
+        if log_path:
+            handler = logging.FileHandler(log_path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(handler)
+            logging.getLogger().setLevel(logging.INFO)
+
+    def _build(self) -> None:
+        node = self._config["node"]
+        module_name, _, attr = str(node["entry_point"]).partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+        self._node = cls(**node["params"])
+        self._ports = tuple(cls.outputs)
+        self._publisher = Publisher(self._context, self.node_id, self._ports, self._config.get("host", "127.0.0.1"))
+        self._poller.register(self._publisher.socket, zmq.POLLIN)
+        self._control.send(BOUND, {"endpoint": self._publisher.endpoint})
+
+    def _context_for_node(self) -> NodeContext:
+        node_dir = Path(self._config["session_dir"]) / self._config["worker"] / self.node_id
+        return NodeContext(node_id=self.node_id, clock=self._clock, logger=self._log,
+                           worker=self._config["worker"], data_dir=node_dir)
+
+    def _connect(self, wiring: dict[str, Any]) -> None:
+        node = self._config["node"]
+        for edge in wiring["inputs"]:
+            sub = Subscriber(self._context, edge["key"], edge["endpoint"], edge["topic"].encode(), self._log)
+            self._subscribers.append(sub)
+            self._poller.register(sub.socket, zmq.POLLIN)
+        self._inputs = InputSet([s.key for s in self._subscribers], node["sync"], node["tolerance_ms"])
+        self._expected_subscribers: dict[str, int] = wiring["subscribers"]
+
+    def _await_subscribers(self) -> None:
+        """Block until every downstream SUB has subscribed, so no first sample is lost."""
+        assert self._publisher is not None
+        deadline = time.monotonic() + self._timing.ready_timeout_s
+        while any(self._publisher.subscribers(p) < n for p, n in self._expected_subscribers.items()):
+            if time.monotonic() > deadline:
+                missing = [p for p, n in self._expected_subscribers.items() if self._publisher.subscribers(p) < n]
+                raise PeerLostError(f"subscribers of {', '.join(missing)} never connected")
+            self._poll_once(IDLE_POLL_MS, before_start=True)
+            self._publisher.handle_subscriptions()
+
+    def _start_recording(self) -> None:
+        if not self._config["node"]["record"]:
+            return
+        self._recorder = NodeRecorder(
+            Path(self._config["session_dir"]), self._config["worker"], self.node_id,
+            start_ns=self._start_ns, flush_interval_s=self._timing.flush_interval_s, logger=self._log,
+        )
+        self._recorder.start()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _await(self, command: bytes, timeout_s: float | None) -> dict[str, Any]:
+        """Wait for one control command, watching for the parent's death and a stop."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._stop_requested:
+                raise _Stopped
+            if deadline is not None and time.monotonic() > deadline:
+                raise PeerLostError(f"the supervisor sent no {command.decode()} within {timeout_s:.0f} s")
+            body = self._poll_once(IDLE_POLL_MS, before_start=True, want=command)
+            if body is not None:
+                return body
+            if self._publisher is not None:
+                self._publisher.handle_subscriptions()
+
+    def _poll_once(self, timeout_ms: int, before_start: bool = False, want: bytes | None = None) -> dict[str, Any] | None:
+        """Poll control; return the body of `want` if it came. STOP before start ends the node."""
+        events = dict(self._poller.poll(timeout_ms))
+        self._check_parent()
+        if self._control.socket not in events:
+            return None
+        found = None
+        while (message := self._control.receive()) is not None:
+            command, body = message
+            if command == STOP:
+                self.request_stop()
+                if before_start:
+                    raise _Stopped
+            elif command == want:
+                found = body
+        return found
+
+    def _check_parent(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_parent_check:
+            self._next_parent_check = now + self._timing.parent_check_s
+            if os.getppid() != self._parent_pid:
+                self._log.warning("supervisor (pid %d) is gone: stopping", self._parent_pid)
+                self.request_stop()
+
+    def _loop(self) -> None:
+        assert self._node is not None and self._inputs is not None and self._publisher is not None
+        is_source = not self._subscribers
+        rate = float(getattr(self._node, "rate_hz", 0) or 0)
+        period_s = 1.0 / rate if rate > 0 else 0.0
+        next_step = time.monotonic()
+        next_stats = time.monotonic() + self._timing.stats_interval_s
+        while True:
+            now = time.monotonic()
+            if self._stop_requested:
+                if is_source or self._inputs_finished() or now > self._stop_deadline:
+                    return
+            if is_source and not self._stop_requested:
+                timeout_ms = max(0, int((next_step - now) * 1000)) if period_s else 0
+            else:
+                timeout_ms = IDLE_POLL_MS if not self._stop_requested else 10
+            self._poll_once(min(timeout_ms, IDLE_POLL_MS))
+            self._publisher.handle_subscriptions()
+            self._receive()
+            if is_source and not self._stop_requested and time.monotonic() >= next_step:
+                self._step({}, frozenset())
+                next_step = next_step + period_s if period_s else time.monotonic()
+                if period_s and time.monotonic() - next_step > period_s:
+                    next_step = time.monotonic()  # fell behind: keep the grid, skip the lost slots
+            for _ in range(MAX_STEPS_PER_TURN):
+                ready = self._inputs.take()
+                if ready is None:
+                    break
+                self._step(*ready)
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self._timing.stats_interval_s
+                self._control.send(STATS, {"stats": self.stats().to_dict()})
+
+    def _inputs_finished(self) -> bool:
+        assert self._inputs is not None
+        return all(s.ended for s in self._subscribers) and not self._inputs.ready()
+
+    def _receive(self) -> None:
+        assert self._inputs is not None
+        for sub in self._subscribers:
+            while self._inputs.has_room(sub.key) and (sample := sub.receive()) is not None:
+                self._inputs.add(sub.key, sample)
+
+    def _step(self, inputs: dict[str, Sample], fresh: frozenset[str]) -> None:
+        assert self._node is not None and self._publisher is not None
+        now = self._clock.now_ns()
+        for key in fresh:
+            t_ns = inputs[key].t_ns
+            if t_ns is not None:
+                self._latency.add(now - t_ns)
+        result = self._node.step(inputs)
+        outputs = _split_outputs(result, self._ports)
+        if not outputs:
+            return
+        done_ns = self._clock.now_ns()
+        self._rate.tick(done_ns)
+        for port, value in outputs:
+            sample = value if isinstance(value, Sample) else Sample(value)
+            t_ns = done_ns if sample.t_ns is None else sample.t_ns
+            seq = self._publisher.publish(port, sample.value, t_ns, sample.rate_hz)
+            if self._recorder is not None:
+                self._recorder.record(port, seq, t_ns, sample.value, sample.rate_hz)
+
+    # -- reporting and the end ---------------------------------------------------------------
+
+    def stats(self) -> NodeStats:
+        record = self._recorder.stats if self._recorder is not None else None
+        return NodeStats(
+            samples_out=sum(self._publisher.sent(p) for p in self._ports) if self._publisher else 0,
+            samples_in={s.key: s.received for s in self._subscribers},
+            dropped_in={s.key: s.dropped + (self._inputs.overflowed[s.key] if self._inputs else 0)
+                        for s in self._subscribers},
+            skipped_in=dict(self._inputs.skipped) if self._inputs else {},
+            rate_hz=self._rate.rate_hz,
+            latency_ms=self._latency.percentiles_ms(),
+            record_backlog=record.backlog if record else 0,
+            record_dropped=record.dropped if record else 0,
+            record_bytes=record.bytes if record else 0,
+        )
+
+    def _report_error(self, phase: str, err: BaseException) -> None:
+        message = err.message if isinstance(err, CpError) else f"{type(err).__name__}: {err}"
+        self._log.error("node %s failed in %s: %s\n%s", self.node_id, phase, message,
+                        "".join(traceback.format_exception(err)))
+        self._control.send(ERROR, {"phase": phase, "message": message})
+
+    def _finish(self) -> bool:
+        """Tell subscribers we ended, close files, release devices, report; True if that failed."""
+        failed = False
+        files: list[dict[str, Any]] = []
+        if self._publisher is not None:
+            self._publisher.end()
+        if self._recorder is not None:
+            try:
+                files = [f.__dict__ for f in self._recorder.stop(self._timing.exit_timeout_s)]
+            except Exception as err:  # a writer failed: say so, the rest still closes
+                failed = True
+                self._report_error("record", err)
+        if self._set_up and self._node is not None:
+            try:
+                self._node.teardown()
+            except Exception as err:
+                failed = True
+                self._report_error("teardown", err)
+        if self._config:
+            stats = self.stats().to_dict()
+            try:
+                if self._recorder is not None:
+                    write_node_record(Path(self._config["session_dir"]), self._config["worker"], self.node_id,
+                                      stats, files)
+            except OSError as err:
+                failed = True
+                self._report_error("record", err)
+            self._control.send(DONE, {"stats": stats, "files": files, "failed": failed})
+        for sub in self._subscribers:
+            sub.close()
+        if self._publisher is not None:
+            self._publisher.close()
+        self._control.close()
+        self._context.term()
+        return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpcli.runtime.driver", description="run one cpcli node")
+    parser.add_argument("--control", required=True, help="the supervisor's control endpoint")
+    parser.add_argument("--node", required=True, help="node id")
+    parser.add_argument("--parent", type=int, required=True, help="supervisor pid; exit when it dies")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle, in order
+    _die_with_parent(args.parent)
+    driver = Driver(args.control, args.node, args.parent)
+    signal.signal(signal.SIGTERM, driver.request_stop)
+    return driver.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The node processes of one host: spawn, wire, start, watch and stop them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cpcli.runtime.stats import NodeStats
+from cpcli.runtime.timing import Timing
+from cpcli.transport.control import ControlServer
+from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.pubsub import topic_for
+
+
+class NodeState(str, Enum):
+    STARTING = "starting"  # process spawned, not yet built
+    BOUND = "bound"  # built, publisher bound, setting up
+    READY = "ready"  # set up and wired; waiting for the session to start
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What one host needs to run one node of a recipe."""
+
+    id: str
+    type: str
+    entry_point: str  # "module:Class" of the node type installed here
+    params: dict[str, Any]
+    record: bool
+    sync: str
+    tolerance_ms: float
+    inputs: tuple[tuple[str, str, str], ...]  # (key, upstream node id, upstream port)
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What the supervisor knows of one node, for progress displays and the manifest."""
+
+    id: str
+    type: str
+    state: NodeState
+    pid: int | None = None
+    stats: NodeStats = field(default_factory=NodeStats)
+    files: tuple[dict[str, Any], ...] = ()
+    error: str | None = None
+
+
+class Supervisor:
+    """Owns a host's node processes and the ROUTER they report to; used from one thread."""
+
+    def __init__(self, plans: list[NodePlan], session_dir: Path, worker: str, timing: Timing,
+                 host: str = "127.0.0.1", logger: logging.Logger | None = None) -> None:
+        self._plans = {p.id: p for p in plans}
+        self._session_dir = session_dir
+        self._worker = worker
+        self._timing = timing
+        self._host = host
+        self._log = logger or logging.getLogger("cpcli.supervisor")
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._server = ControlServer(self._context, host, self._log)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._status = {p.id: NodeStatus(p.id, p.type, NodeState.STARTING) for p in plans}
+        self._endpoints: dict[str, str] = {}
+        self._wired = False
+        self._stopped = False
+        self._closed = False
+        self.logs_dir = session_dir / "logs"
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn one process per node; each connects back and asks for its configuration."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for node_id in self._plans:
+            with open(self.log_path(node_id), "ab") as log:
+                self._procs[node_id] = subprocess.Popen(
+                    [sys.executable, "-m", "cpcli.runtime.driver", "--control", self._server.endpoint,
+                     "--node", node_id, "--parent", str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                )
+            self._set(node_id, pid=self._procs[node_id].pid)
+
+    def log_path(self, node_id: str) -> Path:
+        return self.logs_dir / f"{node_id}.log"
+
+    def begin(self, start_ns: int) -> None:
+        """Start the session: every node gets the start time; sources begin stepping."""
+        for node_id in self._plans:
+            if self._status[node_id].state == NodeState.READY:
+                self._server.send(node_id, START, {"start_ns": start_ns})
+                self._set(node_id, state=NodeState.RUNNING)
+
+    def stop(self) -> None:
+        """Sources stop now; the others drain what upstream sent, close their files and exit."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for node_id, status in self._status.items():
+            if status.state not in (NodeState.DONE, NodeState.FAILED) or self._alive(node_id):
+                self._server.send(node_id, STOP)
+                if status.state not in (NodeState.DONE, NodeState.FAILED):
+                    self._set(node_id, state=NodeState.STOPPING)
+
+    # -- watching ----------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> dict[str, NodeStatus]:
+        return dict(self._status)
+
+    @property
+    def all_ready(self) -> bool:
+        return all(s.state == NodeState.READY for s in self._status.values())
+
+    @property
+    def all_finished(self) -> bool:
+        """Every node reported DONE or failed, and its process has exited."""
+        return all(s.state in (NodeState.DONE, NodeState.FAILED) and not self._alive(n)
+                   for n, s in self._status.items())
+
+    def not_ready(self) -> list[str]:
+        """Nodes not yet ready, with the state each is stuck in."""
+        return [f"{n} ({s.state.value})" for n, s in self._status.items() if s.state != NodeState.READY]
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return {n: s.error for n, s in self._status.items() if s.error}
+
+    def poll(self, timeout_ms: int) -> None:
+        """Handle every waiting control message and notice processes that died."""
+        if self._server.socket.poll(timeout_ms):
+            while (message := self._server.receive()) is not None:
+                self._handle(*message)
+        for node_id in self._plans:
+            self._check_exit(node_id)
+
+    def _handle(self, node_id: str, command: bytes, body: dict[str, Any]) -> None:
+        plan = self._plans.get(node_id)
+        if plan is None:
+            self._log.warning("control message from unknown node %r ignored", node_id)
+            return
+        if command == HELLO:
+            self._server.send(node_id, CONFIG, self._config_for(plan))
+        elif command == BOUND:
+            self._endpoints[node_id] = str(body["endpoint"])
+            self._set(node_id, state=NodeState.BOUND)
+            self._wire_when_bound()
+        elif command == READY:
+            self._set(node_id, state=NodeState.READY)
+        elif command == STATS:
+            self._set(node_id, stats=NodeStats.from_dict(body.get("stats", {})))
+        elif command == ERROR:
+            message = f"{body.get('message', 'failed')} (in {body.get('phase', '?')})"
+            first = self._status[node_id].error
+            self._set(node_id, error=first or message, state=NodeState.FAILED)
+            self.stop()
+        elif command == DONE:
+            status = self._status[node_id]
+            state = NodeState.FAILED if status.error or body.get("failed") else NodeState.DONE
+            self._set(node_id, state=state, stats=NodeStats.from_dict(body.get("stats", {})),
+                      files=tuple(body.get("files", ())))
+
+    def _config_for(self, plan: NodePlan) -> dict[str, Any]:
+        return {
+            "node": {"id": plan.id, "type": plan.type, "entry_point": plan.entry_point, "params": plan.params,
+                     "record": plan.record, "sync": plan.sync, "tolerance_ms": plan.tolerance_ms},
+            "session_dir": str(self._session_dir),
+            "worker": self._worker,
+            "host": self._host,
+            "log_path": str(self.log_path(plan.id)),
+            "timing": self._timing.to_dict(),
+        }
+
+    def _wire_when_bound(self) -> None:
+        """Once every publisher is bound, tell each node whom to subscribe to."""
+        if self._wired or len(self._endpoints) < len(self._plans):
+            return
+        self._wired = True
+        subscribers: dict[str, dict[str, int]] = {n: {} for n in self._plans}
+        for plan in self._plans.values():
+            for _, source, port in plan.inputs:
+                subscribers[source][port] = subscribers[source].get(port, 0) + 1
+        for plan in self._plans.values():
+            inputs = [{"key": key, "endpoint": self._endpoints[source], "topic": topic_for(source, port).decode()}
+                      for key, source, port in plan.inputs]
+            self._server.send(plan.id, CONNECT, {"inputs": inputs, "subscribers": subscribers[plan.id]})
+
+    def _check_exit(self, node_id: str) -> None:
+        proc = self._procs.get(node_id)
+        if proc is None or proc.poll() is None:
+            return
+        status = self._status[node_id]
+        if status.state in (NodeState.DONE, NodeState.FAILED):
+            return
+        code = proc.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        self._set(node_id, state=NodeState.FAILED,
+                  error=f"its process {how} (see {self.log_path(node_id)})")
+        self.stop()
+
+    def _alive(self, node_id: str) -> bool:
+        proc = self._procs.get(node_id)
+        return proc is not None and proc.poll() is None
+
+    def _set(self, node_id: str, **changes: Any) -> None:
+        self._status[node_id] = replace(self._status[node_id], **changes)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def wait_finished(self, timeout_s: float) -> None:
+        """Wait for every node to finish by itself, handling its last messages."""
+        deadline = time.monotonic() + timeout_s
+        while not self.all_finished and time.monotonic() < deadline:
+            self.poll(50)
+
+    def close(self) -> list[str]:
+        """Make sure no node process outlives us: terminate, then kill. Returns the ids killed."""
+        if self._closed:
+            return []
+        self._closed = True
+        forced = [n for n in self._plans if self._alive(n)]
+        for node_id in forced:
+            self._procs[node_id].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._timing.exit_timeout_s
+        for node_id in forced:
+            try:
+                self._procs[node_id].wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._log.error("node %s did not exit; killing it", node_id)
+                self._procs[node_id].kill()
+                self._procs[node_id].wait(5)
+        for node_id in forced:
+            self.poll(0)
+            if self._status[node_id].state not in (NodeState.DONE, NodeState.FAILED):
+                self._set(node_id, state=NodeState.FAILED, error=self._status[node_id].error
+                          or f"did not stop in time and was terminated (see {self.log_path(node_id)})")
+        self._server.close()
+        self._context.term()
+        return forced
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

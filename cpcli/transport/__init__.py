@@ -1,0 +1,1 @@
+"""ZeroMQ transport: wire format, data plane and control plane."""
