@@ -200,3 +200,13 @@ class TestAudio(Node):
 
     def teardown(self) -> None:
         self._ramp = np.empty(0, np.float64)
+
+
+class Discard(Node):
+    """Take any inputs and keep nothing: a sink for benchmarks and tests (its stats count what arrived)."""
+
+    outputs = ()
+    input_count = None
+
+    def step(self, inputs: Inputs) -> Outputs:
+        return None

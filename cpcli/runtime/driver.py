@@ -95,6 +95,8 @@ class Driver:
         self._latency = LatencyMeter()
         self._config: dict[str, Any] = {}
         self._start_ns = 0
+        self._first_in_ns: int | None = None
+        self._first_out_ns: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -270,6 +272,8 @@ class Driver:
         assert self._inputs is not None
         for sub in self._subscribers:
             while self._inputs.has_room(sub.key) and (sample := sub.receive()) is not None:
+                if self._first_in_ns is None:
+                    self._first_in_ns = self._clock.now_ns() - self._start_ns
                 self._inputs.add(sub.key, sample)
 
     def _step(self, inputs: dict[str, Sample], fresh: frozenset[str]) -> None:
@@ -285,6 +289,8 @@ class Driver:
             return
         done_ns = self._clock.now_ns()
         self._rate.tick(done_ns)
+        if self._first_out_ns is None:
+            self._first_out_ns = done_ns - self._start_ns
         for port, value in outputs:
             sample = value if isinstance(value, Sample) else Sample(value)
             t_ns = done_ns if sample.t_ns is None else sample.t_ns
@@ -307,6 +313,8 @@ class Driver:
             record_backlog=record.backlog if record else 0,
             record_dropped=record.dropped if record else 0,
             record_bytes=record.bytes if record else 0,
+            first_in_ns=self._first_in_ns,
+            first_out_ns=self._first_out_ns,
         )
 
     def _report_error(self, phase: str, err: BaseException) -> None:

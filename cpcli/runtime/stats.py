@@ -24,6 +24,8 @@ class NodeStats:
     record_backlog: int = 0
     record_dropped: int = 0
     record_bytes: int = 0
+    first_in_ns: int | None = None  # session time of the first sample received (start-up latency)
+    first_out_ns: int | None = None  # session time of the first sample sent
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +38,8 @@ class NodeStats:
             "record_backlog": self.record_backlog,
             "record_dropped": self.record_dropped,
             "record_bytes": self.record_bytes,
+            "first_in_ns": self.first_in_ns,
+            "first_out_ns": self.first_out_ns,
         }
 
     @classmethod
@@ -55,6 +59,8 @@ class NodeStats:
             record_backlog=int(data.get("record_backlog", 0)),
             record_dropped=int(data.get("record_dropped", 0)),
             record_bytes=int(data.get("record_bytes", 0)),
+            first_in_ns=None if data.get("first_in_ns") is None else int(data["first_in_ns"]),
+            first_out_ns=None if data.get("first_out_ns") is None else int(data["first_out_ns"]),
         )
 
     @property

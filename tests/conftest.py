@@ -1,0 +1,60 @@
+"""Shared fixtures: real processes and sockets, and checks that a test leaves none behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cpcli.registry import Registry, load_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
+if str(PLUGIN_DIR) not in sys.path:  # the test plugin is found through its dist-info, like any plugin
+    sys.path.insert(0, str(PLUGIN_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
+
+LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves child processes or threads behind (and clean them up)."""
+    me = psutil.Process()
+    threads_before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    children = me.children(recursive=True)
+    while children and time.monotonic() < deadline:
+        time.sleep(0.05)
+        children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for child in children:
+        child.kill()
+    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not children, f"processes left behind: {[c.cmdline() for c in children]}"
+    assert not leaked_threads, f"threads left behind: {leaked_threads}"
+
+
+def cp(*args: str, cwd: Path | None = None, timeout: float = 25.0, env: dict[str, str] | None = None
+       ) -> subprocess.CompletedProcess[str]:
+    """Run the real `cp` entry point of this checkout (`python -m cpcli`) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "cpcli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,100 @@
+"""A third-party node plugin used by cpcli's tests: registered through its own dist-info only."""
+
+from __future__ import annotations
+
+import time
+
+from cpcli.node import DeviceError, Inputs, Node, NodeConfigError, NodeContext, Outputs, Sample
+
+
+class Counter(Node):
+    """Count up: a table row {"n": i} per step, at rate_hz (0 = as fast as possible)."""
+
+    outputs = ("count",)
+    input_count = 0
+
+    def __init__(self, *, rate_hz: float = 100.0, limit: int = 0) -> None:
+        if rate_hz < 0:
+            raise NodeConfigError(f"rate_hz must be 0 or more, got {rate_hz}")
+        self.rate_hz = rate_hz
+        self.limit = limit
+        self._n = 0
+
+    def setup(self, ctx: NodeContext) -> None:
+        self._clock = ctx.clock
+
+    def step(self, inputs: Inputs) -> Outputs:
+        if self.limit and self._n >= self.limit:
+            return None
+        self._n += 1
+        return Sample({"n": self._n - 1}, t_ns=self._clock.now_ns())
+
+
+class FailSetup(Node):
+    """Fail in setup() like a camera that is not plugged in."""
+
+    outputs = ("out",)
+    input_count = 0
+
+    def setup(self, ctx: NodeContext) -> None:
+        raise DeviceError("test device 7 could not be opened; is it plugged in?")
+
+
+class FailStep(Node):
+    """Pass inputs through, then raise in step() after `after` steps."""
+
+    outputs = ("out",)
+    input_count = 1
+
+    def __init__(self, *, after: int = 5) -> None:
+        self.after = after
+        self._steps = 0
+
+    def step(self, inputs: Inputs) -> Outputs:
+        self._steps += 1
+        if self._steps > self.after:
+            raise ZeroDivisionError("the test node divided by zero on purpose")
+        return Sample(dict(next(iter(inputs.values())).value))
+
+
+class Slow(Node):
+    """Sleep `delay_ms` in every step: a consumer that cannot keep up."""
+
+    outputs = ("out",)
+    input_count = 1
+
+    def __init__(self, *, delay_ms: float = 50.0) -> None:
+        self.delay_ms = delay_ms
+
+    def step(self, inputs: Inputs) -> Outputs:
+        time.sleep(self.delay_ms / 1000)
+        return None
+
+
+class SeqCheck(Node):
+    """Record, per step, the received sequence numbers and values of every input as a table row."""
+
+    outputs = ("seen",)
+    input_count = None
+
+    def step(self, inputs: Inputs) -> Outputs:
+        row: dict[str, object] = {}
+        for key, sample in sorted(inputs.items()):
+            row[f"{key}_seq"] = sample.seq
+            row[f"{key}_t_ns"] = sample.t_ns
+        return Sample(row)
+
+
+class Stubborn(Node):
+    """Ignore stopping: its step() blocks for `block_s` seconds (a hung device driver)."""
+
+    outputs = ("out",)
+    input_count = 0
+
+    def __init__(self, *, block_s: float = 60.0) -> None:
+        self.block_s = block_s
+        self.rate_hz = 10.0
+
+    def step(self, inputs: Inputs) -> Outputs:
+        time.sleep(self.block_s)
+        return None
