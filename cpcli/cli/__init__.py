@@ -8,6 +8,7 @@ import traceback
 
 # Our subcommands, with how many positional arguments each takes: anything else goes to coreutils.
 SUBCOMMANDS = {"run": 1, "validate": 1, "nodes": 0}
+RECIPE_COMMANDS = frozenset({"run", "validate"})  # their positional argument is a .yaml recipe
 TOP_OPTIONS = frozenset({"--help", "-h", "--version", "--install-completion", "--show-completion"})
 SYSTEM_CP = ("/usr/bin/cp", "/bin/cp")  # where coreutils (or BSD) cp lives on Linux and macOS
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -17,7 +18,8 @@ def is_ours(args: list[str]) -> bool:
     """Whether `cp ARGS` is a cpcli command rather than a file copy.
 
     A subcommand name is ours unless a file of that name is here and the arguments after it
-    are more than the command takes (`cp run backup/` copies a file named `run`).
+    do not fit the command (`cp run backup/` copies a file named `run`; `cp run demo.yaml`
+    still runs a recipe).
     """
     if not args:
         return True
@@ -29,7 +31,9 @@ def is_ours(args: list[str]) -> bool:
     if not os.path.lexists(first):
         return True
     positionals = [a for a in args[1:] if not a.startswith("-")]
-    return len(positionals) <= SUBCOMMANDS[first]
+    if len(positionals) > SUBCOMMANDS[first]:
+        return False
+    return first not in RECIPE_COMMANDS or all(p.endswith((".yaml", ".yml")) for p in positionals)
 
 
 def find_system_cp() -> str | None:
@@ -53,7 +57,9 @@ def find_system_cp() -> str | None:
 def pass_to_system_cp(args: list[str]) -> None:
     path = find_system_cp()
     if path is None:
-        sys.stderr.write("cp: the system's cp command was not found; cpcli only handles its own subcommands\n")
+        sys.stderr.write(
+            "cp: the system's cp command was not found; cpcli only handles its own subcommands\n"
+        )
         sys.exit(127)
     os.execv(path, ["cp", *args])
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str]) -> int:
-    import click  # imported here: a file copy must not pay for the CLI's imports
+    import typer  # imported here: a file copy must not pay for the CLI's imports
 
     from cpcli.cli.app import app
     from cpcli.cli.output import print_error
@@ -78,16 +84,17 @@ def run_cli(args: list[str]) -> int:
     except CpError as err:
         print_error(err)
         return EXIT_ERROR
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         return int(exit_.exit_code)
-    except click.ClickException as err:
-        err.show()
-        return EXIT_USAGE
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
-    except Exception:  # a bug: show everything so it can be reported
-        traceback.print_exc()
+    except Exception as err:
+        show = getattr(err, "show", None)
+        if callable(show) and isinstance(getattr(err, "exit_code", None), int):  # click's usage errors
+            show()
+            return EXIT_USAGE
+        traceback.print_exc()  # a bug: show everything so it can be reported
         sys.stderr.write("this is a bug in cpcli; please report it with the traceback above\n")
         return EXIT_USAGE
     return int(result) if isinstance(result, int) else EXIT_OK
