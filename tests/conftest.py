@@ -21,7 +21,8 @@ if str(PLUGIN_DIR) not in sys.path:  # the test plugin is found through its dist
     sys.path.insert(0, str(PLUGIN_DIR))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
 
-LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns
+LEAK_GRACE_S = 5.0
+PROCESS_WIDE_THREADS = {"GarbageCollectorThread"}  # pyzmq's zero-copy collector lives as long as the process  # processes a test started may take this long to exit after it returns
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,8 @@ def no_leaks() -> Iterator[None]:
         children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     for child in children:
         child.kill()
-    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+                      and type(t).__name__ not in PROCESS_WIDE_THREADS]
     assert not children, f"processes left behind: {[c.cmdline() for c in children]}"
     assert not leaked_threads, f"threads left behind: {leaked_threads}"
 

@@ -111,7 +111,9 @@ def array_from_payload(header: Header, payload: memoryview | bytes) -> np.ndarra
         expected = math.prod(header.shape) * dtype.itemsize
         if len(payload) != expected:
             raise ValueError(f"payload has {len(payload)} bytes, header says {expected}")
-        return np.frombuffer(payload, dtype=dtype).reshape(header.shape)
+        array = np.frombuffer(payload, dtype=dtype).reshape(header.shape)
+        array.flags.writeable = False  # inputs are shared views: a node must copy to change them
+        return array
     except (TypeError, ValueError) as err:
         raise TransportError(f"malformed array payload ({err})") from err
 
