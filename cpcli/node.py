@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from cpcli.clock import Clock
 from cpcli.errors import CpError, DeviceError, NodeConfigError, NodeError
@@ -48,7 +48,7 @@ class Sample:
 Inputs = Mapping[str, Sample]
 """What `step()` receives: one Sample per input, keyed as the recipe names it (`cam`, `cam.video`)."""
 
-Outputs = Union[Mapping[str, Any], Sample, Any, None]
+Outputs = Mapping[str, Any] | Sample | Any | None
 """What `step()` returns: {port: value or Sample}, a bare value for a one-output node, or None."""
 
 

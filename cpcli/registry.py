@@ -125,7 +125,7 @@ def check_value(value: Any, annotation: Any) -> bool:
         if not isinstance(value, (list, tuple)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(check_value(v, a) for v, a in zip(value, args))
+            return len(value) == len(args) and all(check_value(v, a) for v, a in zip(value, args, strict=True))
         return not args or all(check_value(v, args[0]) for v in value)
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):

@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
 if str(PLUGIN_DIR) not in sys.path:  # the test plugin is found through its dist-info, like any plugin
     sys.path.insert(0, str(PLUGIN_DIR))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH")) if p)
+_paths = (str(PLUGIN_DIR), os.environ.get("PYTHONPATH"))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in _paths if p)  # node processes find the plugin too
 
-LEAK_GRACE_S = 5.0
-PROCESS_WIDE_THREADS = {"GarbageCollectorThread"}  # pyzmq's zero-copy collector lives as long as the process  # processes a test started may take this long to exit after it returns
+LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns
+PROCESS_WIDE_THREADS = {"GarbageCollectorThread"}  # pyzmq's zero-copy collector lives as long as the process
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +41,8 @@ def no_leaks() -> Iterator[None]:
     children = me.children(recursive=True)
     while children and time.monotonic() < deadline:
         time.sleep(0.05)
-        children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        children = [c for c in me.children(recursive=True)
+                    if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     for child in children:
         child.kill()
     leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -41,10 +42,8 @@ class _Stopped(Exception):
 def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGTERM us when our parent dies; elsewhere the periodic check covers it."""
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         raise SystemExit(1)
 
@@ -206,7 +205,8 @@ class Driver:
             if self._publisher is not None:
                 self._publisher.handle_subscriptions()
 
-    def _poll_once(self, timeout_ms: int, before_start: bool = False, want: bytes | None = None) -> dict[str, Any] | None:
+    def _poll_once(self, timeout_ms: int, before_start: bool = False,
+                   want: bytes | None = None) -> dict[str, Any] | None:
         """Poll control; return the body of `want` if it came. STOP before start ends the node."""
         events = dict(self._poller.poll(timeout_ms))
         self._check_parent()
@@ -240,9 +240,8 @@ class Driver:
         next_stats = time.monotonic() + self._timing.stats_interval_s
         while True:
             now = time.monotonic()
-            if self._stop_requested:
-                if is_source or self._inputs_finished() or now > self._stop_deadline:
-                    return
+            if self._stop_requested and (is_source or self._inputs_finished() or now > self._stop_deadline):
+                return
             if is_source and not self._stop_requested:
                 timeout_ms = max(0, int((next_step - now) * 1000)) if period_s else 0
             else:

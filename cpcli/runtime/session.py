@@ -118,8 +118,9 @@ def run_session(recipe: Recipe, registry: Registry, options: RunOptions, stop: S
         ready_deadline = launched + options.timing.ready_timeout_s
         while not supervisor.all_ready and not stop.requested.is_set() and not supervisor.failures:
             if time.monotonic() > ready_deadline:
+                late = ", ".join(supervisor.not_ready())
                 raise PeerLostError(
-                    f"nodes not ready after {options.timing.ready_timeout_s:.0f} s: {', '.join(supervisor.not_ready())}",
+                    f"nodes not ready after {options.timing.ready_timeout_s:.0f} s: {late}",
                     hint=f"see the node logs in {supervisor.logs_dir}")
             supervisor.poll(RUN_POLL_MS)
             if time.monotonic() >= next_progress:

@@ -18,9 +18,10 @@ MAX_CONTROL_BYTES = 1 << 20  # a control message larger than this is not one of 
 class ControlServer:
     """ROUTER end of the control plane: receives `(peer, command, body)`, sends to a peer."""
 
-    def __init__(self, context: zmq.Context[Any], host: str = "127.0.0.1", logger: logging.Logger | None = None) -> None:
+    def __init__(self, context: zmq.Context[Any], host: str = "127.0.0.1",
+                 logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("cpcli.control")
-        self._socket = context.socket(zmq.ROUTER)
+        self._socket: zmq.Socket[Any] = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, CONTROL_HWM)
         self._socket.setsockopt(zmq.RCVHWM, CONTROL_HWM)
@@ -71,7 +72,7 @@ class ControlClient:
     """DEALER end of the control plane, with a fixed identity."""
 
     def __init__(self, context: zmq.Context[Any], endpoint: str, identity: str) -> None:
-        self._socket = context.socket(zmq.DEALER)
+        self._socket: zmq.Socket[Any] = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, CONTROL_HWM)
         self._socket.setsockopt(zmq.IDENTITY, identity.encode())

@@ -36,7 +36,7 @@ class Publisher:
     """A node's one XPUB socket: publishes every output port and sees who subscribes."""
 
     def __init__(self, context: zmq.Context[Any], node_id: str, ports: Sequence[str], host: str = "127.0.0.1") -> None:
-        self._socket = context.socket(zmq.XPUB)
+        self._socket: zmq.Socket[Any] = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._socket.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscribe, so we can count peers
@@ -84,7 +84,8 @@ class Publisher:
             self._socket.send_multipart([topic, encode_header(header), array.data], copy=False)
         else:
             payload = pack_object(value)
-            self._socket.send_multipart([topic, encode_header(Header(seq, t_ns, KIND_OBJECT, rate_hz=rate_hz)), payload])
+            header = Header(seq, t_ns, KIND_OBJECT, rate_hz=rate_hz)
+            self._socket.send_multipart([topic, encode_header(header), payload])
         return seq
 
     def end(self) -> None:
@@ -99,11 +100,12 @@ class Publisher:
 class Subscriber:
     """One input of a node: a SUB socket on the upstream node's topic, counting gaps."""
 
-    def __init__(self, context: zmq.Context[Any], key: str, endpoint: str, topic: bytes, logger: logging.Logger) -> None:
+    def __init__(self, context: zmq.Context[Any], key: str, endpoint: str, topic: bytes,
+                 logger: logging.Logger) -> None:
         self.key = key
         self._topic = topic
         self._log = logger
-        self._socket = context.socket(zmq.SUB)
+        self._socket: zmq.Socket[Any] = context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
         self._socket.setsockopt(zmq.SUBSCRIBE, topic)
