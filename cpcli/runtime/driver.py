@@ -13,13 +13,14 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from cpcli.archive.manifest import write_node_record
-from cpcli.archive.writer import NodeRecorder
+from cpcli.archive.writer import NodeRecorder, RecordingError
 from cpcli.clock import Clock
 from cpcli.errors import CpError, PeerLostError
 from cpcli.node import Node, NodeContext, Sample
@@ -330,8 +331,12 @@ class Driver:
             self._publisher.end()
         if self._recorder is not None:
             try:
-                files = [f.__dict__ for f in self._recorder.stop(self._timing.exit_timeout_s)]
-            except Exception as err:  # a writer failed: say so, the rest still closes
+                files = [asdict(f) for f in self._recorder.stop(self._timing.exit_timeout_s)]
+            except RecordingError as err:  # a writer failed: say so, keep every file that finished
+                failed = True
+                files = [asdict(f) for f in err.files]
+                self._report_error("record", err)
+            except Exception as err:
                 failed = True
                 self._report_error("record", err)
         if self._set_up and self._node is not None:

@@ -1,0 +1,1 @@
+"""Session archives: each node's recorded files, the manifest, and collection."""

@@ -1,0 +1,446 @@
+"""The per-node recorder: takes a node's outputs without blocking and writes them on its own thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cpcli.archive.media import (
+    CsvSink,
+    FileRecord,
+    FileSink,
+    PortFiles,
+    StreamWriter,
+    VideoSegments,
+    WavSegments,
+)
+from cpcli.errors import ArchiveError
+
+__all__ = ["FileRecord", "NodeRecorder", "RecorderStats", "RecordingError", "StreamWriter", "classify"]
+
+DROP_LOG_INTERVAL_S = 1.0  # a full queue is logged at most this often, with the count since the last line
+RESERVED_COLUMNS = ("index", "t_ns")  # every table starts with these; row keys of those names get `value_`
+MEDIA_KINDS = frozenset({"video", "audio"})  # they share `<port>.timestamps.csv`, so a port holds one of them
+
+
+@dataclass(frozen=True)
+class RecorderStats:
+    """A snapshot of a recorder: samples queued, written and dropped (queue full), bytes written."""
+
+    backlog: int
+    written: int
+    dropped: int
+    bytes: int
+
+
+class RecordingError(ArchiveError):
+    """A recording that failed; `files` lists what was still finished and can be kept."""
+
+    def __init__(self, message: str, files: list[FileRecord], hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.files = files
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__} is not JSON-able")
+
+
+def _to_json(value: Any, where: str = "") -> str:
+    try:
+        return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise ArchiveError(
+            f"{where}cannot record a value of type {type(value).__name__} ({err})",
+            hint="send arrays, dicts of scalars or JSON-able values",
+        ) from err
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, np.bool_, np.integer, np.floating))
+
+
+def _kind(value: Any) -> str:
+    """The sample kind by shape and type alone (JSON-ability of events is checked when written)."""
+    if isinstance(value, np.ndarray):
+        dtype, shape = value.dtype, value.shape
+        if dtype == np.uint8 and value.size and (value.ndim == 2 or (value.ndim == 3 and shape[2] == 3)):
+            return "video"
+        is_float = dtype.kind == "f" and dtype.itemsize in (4, 8)
+        is_int = dtype.kind == "i" and dtype.itemsize in (2, 4)
+        if (value.ndim == 2 and shape[1] > 0 and (is_float or is_int)) or (
+            value.ndim == 1 and (is_float or (is_int and dtype.itemsize == 2))
+        ):
+            return "audio"
+        return "events"
+    if isinstance(value, dict) and value and all(isinstance(k, str) and _is_scalar(v) for k, v in value.items()):
+        return "table"
+    return "events"
+
+
+def classify(value: Any) -> str:
+    """How a value is recorded: "video", "audio", "table" or "events".
+
+    Video is an HxW or HxWx3 uint8 array; audio a (frames x channels) float32/float64/int16/int32
+    array, or a 1-D float or int16 array (one channel); a table row a non-empty flat dict of str
+    to scalars; anything else JSON-able (numpy arrays and scalars included) is an event.
+
+    Raises:
+        ArchiveError: the value cannot be recorded; the message names its type.
+    """
+    kind = _kind(value)
+    if kind == "events":
+        _to_json(value)
+    return kind
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, np.floating):
+        return str(value)  # shortest text that reads back as the same float32/float64
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value)
+
+
+class TableWriter(StreamWriter):
+    """Table rows into `<port>.csv`: `index,t_ns` then the first row's columns in order.
+
+    A row with a column the header lacks starts a new part `<port>-0001.csv` whose header adds
+    the new columns; a row missing columns leaves them empty, like None.
+    """
+
+    def __init__(self, files: PortFiles, logger: logging.Logger) -> None:
+        self._files, self._log = files, logger
+        self._columns: list[str] = []
+        self._sink: CsvSink | None = None
+        self._part = 0
+        self._records: list[FileRecord] = []
+        self._closed_bytes = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return self._closed_bytes + (self._sink.bytes_written if self._sink else 0)
+
+    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+        row: Mapping[str, Any] = value
+        new = [key for key in row if key not in self._columns]
+        if self._sink is None or new:
+            self._columns += new
+            name = f"{self._files.port}.csv"
+            if self._sink is not None:
+                self._close_part()
+                self._part += 1
+                name = self._files.segment(self._part, "csv")
+                self._log.info("%s: new columns %s, continuing in %s", self._files.where, new, name)
+            header = [
+                *RESERVED_COLUMNS,
+                *(f"value_{c}" if c in RESERVED_COLUMNS else c for c in self._columns),
+            ]
+            self._sink = self._files.csv(name, "table", header)
+        self._sink.write_row([index, t_ns, *(_cell(row.get(c)) for c in self._columns)])
+
+    def flush(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def close(self) -> list[FileRecord]:
+        self._close_part()
+        return list(self._records)
+
+    def _close_part(self) -> None:
+        if self._sink is not None:
+            record = self._sink.close()
+            self._sink = None
+            self._records.append(record)
+            self._closed_bytes += record.bytes
+
+
+class EventsWriter(StreamWriter):
+    """Events into `<port>.jsonl`, one `{"index":..,"t_ns":..,"value":..}` object a line."""
+
+    def __init__(self, files: PortFiles) -> None:
+        self._files = files
+        self._sink: FileSink | None = None
+
+    @property
+    def bytes_written(self) -> int:
+        return self._sink.bytes_written if self._sink else 0
+
+    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+        text = _to_json(value, f"{self._files.where}: ")
+        if self._sink is None:
+            self._sink = self._files.sink(f"{self._files.port}.jsonl", "events")
+        self._sink.write(f'{{"index":{int(index)},"t_ns":{int(t_ns)},"value":{text}}}\n'.encode())
+
+    def flush(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def close(self) -> list[FileRecord]:
+        return [self._sink.close()] if self._sink else []
+
+
+class _Item(NamedTuple):
+    port: str
+    seq: int
+    t_ns: int  # on the session timeline
+    value: Any
+    rate_hz: float | None
+
+
+class NodeRecorder:
+    """Records one node's outputs into `session_dir/<worker>/<node_id>/`, on one writer thread.
+
+    `record()` never blocks: it queues the sample, or counts a drop when the queue is full. The
+    writer thread picks each port's files by its first sample's kind (see `classify`), flushes
+    every `flush_interval_s` (also when idle) and cuts video and audio into `video_segment_s`
+    segments, so a crash loses at most about a second. Values must not be changed after they
+    are handed to `record()`.
+    """
+
+    def __init__(
+        self,
+        session_dir: Path,
+        worker: str,
+        node_id: str,
+        *,
+        start_ns: int,
+        queue_size: int = 256,
+        flush_interval_s: float = 1.0,
+        video_segment_s: float = 1.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if queue_size < 1 or flush_interval_s <= 0 or video_segment_s <= 0:
+            raise ArchiveError(
+                f"recorder of node {node_id}: queue_size, flush_interval_s and "
+                f"video_segment_s must be above 0, got {queue_size}, {flush_interval_s}, "
+                f"{video_segment_s}"
+            )
+        self._dir = Path(session_dir) / worker / node_id
+        self._rel_dir = f"{worker}/{node_id}"
+        self._node_id, self._start_ns = node_id, start_ns
+        self._flush_interval_s, self._segment_s = flush_interval_s, video_segment_s
+        self._log = logger or logging.getLogger("cpcli.archive")
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()  # guards the counters and `_closing`
+        self._backlog = self._written = self._dropped = self._bytes = 0
+        self._unlogged_drops, self._drop_logged_s = 0, -DROP_LOG_INTERVAL_S
+        self._closing = False
+        self._sentinel_sent = False
+        self._thread: threading.Thread | None = None
+        # owned by the writer thread until it ends
+        self._writers: dict[tuple[str, str], StreamWriter] = {}
+        self._failed_ports: set[str] = set()
+        self._error: ArchiveError | None = None
+        self._records: list[FileRecord] = []
+
+    def start(self) -> None:
+        """Create the node's folder and start the writer thread (once)."""
+        if self._thread is not None:
+            return
+        if self._closing:
+            raise ArchiveError(f"the recorder of node {self._node_id} was stopped and cannot start again")
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ArchiveError(f"cannot create the recording folder {self._dir} ({err.strerror})") from err
+        self._thread = threading.Thread(target=self._run, name=f"cpcli-recorder-{self._node_id}", daemon=True)
+        self._thread.start()
+
+    def record(self, port: str, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+        """Queue one sample of `port` (`index` its sequence number, `t_ns` cluster time); never blocks.
+
+        Raises:
+            ArchiveError: an earlier sample could not be written (the recording is failing).
+        """
+        error = self._error
+        if error is not None:
+            raise ArchiveError(error.message, error.hint) from error
+        item = _Item(port, index, t_ns - self._start_ns, value, rate_hz)
+        with self._lock:
+            if not self._closing:
+                try:
+                    self._queue.put_nowait(item)
+                    self._backlog += 1
+                    return
+                except queue.Full:
+                    pass
+            self._dropped += 1
+            self._unlogged_drops += 1
+        self._log_drops(time.monotonic())
+
+    def _log_drops(self, now: float) -> None:
+        """Log the drops not logged yet, at most once per DROP_LOG_INTERVAL_S."""
+        with self._lock:
+            if not self._unlogged_drops or now - self._drop_logged_s < DROP_LOG_INTERVAL_S:
+                return
+            count, total = self._unlogged_drops, self._dropped
+            self._unlogged_drops, self._drop_logged_s = 0, now
+        self._log.warning(
+            "recorder of node %s dropped %d samples (%d in all): its queue of %d was full or it had stopped",
+            self._node_id,
+            count,
+            total,
+            self._queue.maxsize,
+        )
+
+    @property
+    def stats(self) -> RecorderStats:
+        with self._lock:
+            return RecorderStats(self._backlog, self._written, self._dropped, self._bytes)
+
+    def stop(self, timeout_s: float = 5.0) -> list[FileRecord]:
+        """Write what is queued, finish every file and end the thread; again returns the same list.
+
+        Raises:
+            ArchiveError: the thread did not finish within `timeout_s`.
+            RecordingError: a sample or file could not be written; its `files` lists the rest.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._closing = True
+        thread = self._thread
+        if thread is None:  # never started: what was queued is dropped, and counted
+            with self._lock:
+                self._dropped, self._backlog = self._dropped + self._backlog, 0
+            return []
+        if not self._sentinel_sent:
+            try:
+                self._queue.put(None, timeout=timeout_s)
+                self._sentinel_sent = True
+            except queue.Full:
+                raise self._too_slow(timeout_s) from None
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise self._too_slow(timeout_s)
+        self._log_drops(math.inf)
+        if self._error is not None:
+            raise RecordingError(self._error.message, list(self._records), self._error.hint) from self._error
+        return list(self._records)
+
+    def _too_slow(self, timeout_s: float) -> ArchiveError:
+        return ArchiveError(
+            f"the recorder of node {self._node_id} did not finish writing within "
+            f"{timeout_s:g} s ({self.stats.backlog} samples still queued)",
+            hint="the disk may be too slow or full",
+        )
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_flush_s = time.monotonic() + self._flush_interval_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, next_flush_s - time.monotonic()))
+            except queue.Empty:
+                pass
+            else:
+                if item is None:
+                    break
+                self._write(item)
+            if time.monotonic() >= next_flush_s:
+                self._each_writer("flush")
+                self._log_drops(time.monotonic())
+                next_flush_s = time.monotonic() + self._flush_interval_s
+        self._each_writer("close")
+        self._records.sort(key=lambda r: r.path)
+        with self._lock:
+            self._bytes = sum(r.bytes for r in self._records)
+
+    def _write(self, item: _Item) -> None:
+        written = False
+        if item.port not in self._failed_ports:
+            try:
+                self._writer_for(item.port, _kind(item.value)).write(item.seq, item.t_ns, item.value, item.rate_hz)
+                written = True
+            except Exception as err:  # the thread's boundary: every failure must reach record() and stop()
+                self._fail(item.port, err)
+        total = sum(w.bytes_written for w in self._writers.values())
+        with self._lock:
+            self._backlog -= 1
+            self._bytes = total
+            if written:
+                self._written += 1
+            else:
+                self._dropped += 1
+
+    def _writer_for(self, port: str, kind: str) -> StreamWriter:
+        writer = self._writers.get((port, kind))
+        if writer is not None:
+            return writer
+        files = PortFiles(self._dir, self._rel_dir, self._node_id, port)
+        if not port or port.startswith(".") or any(c in port for c in "/\\\0"):
+            raise ArchiveError(f"{files.where}: the port name cannot be a file name")
+        others = sorted(k for p, k in self._writers if p == port)
+        if others and (kind in MEDIA_KINDS or MEDIA_KINDS & set(others)):
+            raise ArchiveError(
+                f"{files.where} sends {kind} after {others[0]}; a port records one kind of media",
+                hint="send each kind on its own output port",
+            )
+        if others:
+            self._log.info("%s sends %s besides %s samples; they go to their own file", files.where, kind, others[0])
+        if kind == "video":
+            writer = VideoSegments(files, self._segment_s, self._log)
+        elif kind == "audio":
+            writer = WavSegments(files, self._segment_s)
+        elif kind == "table":
+            writer = TableWriter(files, self._log)
+        else:
+            writer = EventsWriter(files)
+        self._writers[(port, kind)] = writer
+        return writer
+
+    def _each_writer(self, action: str) -> None:
+        for (port, _), writer in self._writers.items():
+            try:
+                if action == "flush":
+                    writer.flush()
+                else:
+                    self._records += writer.close()
+            except Exception as err:  # one failed file must not keep the others from finishing
+                self._fail(port, err)
+        if action == "flush":
+            self._sync_folder()
+
+    def _sync_folder(self) -> None:
+        """fsync the folder so that files created since the last flush survive a power loss."""
+        try:
+            fd = os.open(self._dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            self._fail("", ArchiveError(f"cannot sync the recording folder {self._rel_dir} ({err.strerror})"))
+
+    def _fail(self, port: str, err: Exception) -> None:
+        self._failed_ports.add(port)
+        if self._error is not None:
+            return
+        if isinstance(err, ArchiveError):
+            self._error = err
+        else:
+            self._error = ArchiveError(
+                f"recording port {port} of node {self._node_id} failed: {type(err).__name__}: {err}"
+            )
+            self._error.__cause__ = err
