@@ -27,9 +27,10 @@ from cpcli.node import Node, NodeContext, Sample
 from cpcli.runtime.inputs import InputSet
 from cpcli.runtime.stats import LatencyMeter, NodeStats, RateMeter
 from cpcli.runtime.timing import Timing
+from cpcli.transport import shm
 from cpcli.transport.control import ControlClient
-from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ERROR, HELLO, READY, START, STATS, STOP
-from cpcli.transport.pubsub import Publisher, Subscriber
+from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan, Subscriber
 
 IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
 MAX_STEPS_PER_TURN = 64  # steps before control and sockets get a look again (fairness)
@@ -152,9 +153,13 @@ class Driver:
         cls = getattr(importlib.import_module(module_name), attr)
         self._node = cls(**node["params"])
         self._ports = tuple(cls.outputs)
-        self._publisher = Publisher(self._context, self.node_id, self._ports, self._config.get("host", "127.0.0.1"))
+        self._publisher = Publisher(self._context, self.node_id, self._ports, self._config.get("host", "127.0.0.1"),
+                                    self._log)
         self._poller.register(self._publisher.socket, zmq.POLLIN)
-        self._control.send(BOUND, {"endpoint": self._publisher.endpoint})
+        prefix = None
+        if self._config.get("shared_memory") and shm.available():
+            prefix = shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid())
+        self._control.send(BOUND, {"endpoint": self._publisher.endpoint, "shm_prefix": prefix})
 
     def _context_for_node(self) -> NodeContext:
         node_dir = Path(self._config["session_dir"]) / self._config["worker"] / self.node_id
@@ -164,11 +169,21 @@ class Driver:
     def _connect(self, wiring: dict[str, Any]) -> None:
         node = self._config["node"]
         for edge in wiring["inputs"]:
-            sub = Subscriber(self._context, edge["key"], edge["endpoint"], edge["topic"].encode(), self._log)
+            shared = edge.get("shm")
+            sub = Subscriber(self._context, edge["key"], edge["endpoint"], edge["topic"].encode(), self._log,
+                             None if not shared else (shared["prefix"], shared.get("reader")))
             self._subscribers.append(sub)
             self._poller.register(sub.socket, zmq.POLLIN)
-        self._inputs = InputSet([s.key for s in self._subscribers], node["sync"], node["tolerance_ms"])
+        self._by_key = {s.key: s for s in self._subscribers}
+        self._inputs = InputSet([s.key for s in self._subscribers], node["sync"], node["tolerance_ms"],
+                                on_release=self._inputs_release)
         self._expected_subscribers: dict[str, int] = wiring["subscribers"]
+        plan = wiring.get("shared_memory")
+        if plan and self._publisher is not None and self._config.get("shared_memory") and shm.available():
+            self._publisher.share_memory(SharedMemoryPlan(
+                prefix=shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid()),
+                local_readers=int(plan["local_readers"]), all_readers=tuple(plan["all_readers"]),
+                threshold_bytes=int(self._config.get("shm_threshold_bytes", 0)) or SHM_THRESHOLD_BYTES))
 
     def _await_subscribers(self) -> None:
         """Block until every downstream SUB has subscribed, so no first sample is lost."""
@@ -220,6 +235,11 @@ class Driver:
                 self.request_stop()
                 if before_start:
                     raise _Stopped
+            elif command == ENDED:
+                sent = body.get("sent", {})
+                for sub in self._subscribers:
+                    if sub.source == body.get("source") and sub.port in sent:
+                        sub.expect_end(int(sent[sub.port]))
             elif command == want:
                 found = body
         return found
@@ -259,10 +279,18 @@ class Driver:
                 ready = self._inputs.take()
                 if ready is None:
                     break
-                self._step(*ready)
+                try:
+                    self._step(*ready)
+                finally:
+                    if not self._inputs.keeps_stepped_samples:
+                        for key, sample in ready[0].items():
+                            self._inputs_release(key, sample)
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self._timing.stats_interval_s
                 self._control.send(STATS, {"stats": self.stats().to_dict()})
+
+    def _inputs_release(self, key: str, sample: Sample) -> None:
+        self._by_key[key].release(sample)
 
     def _inputs_finished(self) -> bool:
         assert self._inputs is not None
@@ -305,17 +333,29 @@ class Driver:
         return NodeStats(
             samples_out=sum(self._publisher.sent(p) for p in self._ports) if self._publisher else 0,
             samples_in={s.key: s.received for s in self._subscribers},
-            dropped_in={s.key: s.dropped + (self._inputs.overflowed[s.key] if self._inputs else 0)
-                        for s in self._subscribers},
-            skipped_in=dict(self._inputs.skipped) if self._inputs else {},
+            dropped_in=self._dropped_in(),
+            skipped_in=self._skipped_in(),
             rate_hz=self._rate.rate_hz,
             latency_ms=self._latency.percentiles_ms(),
             record_backlog=record.backlog if record else 0,
             record_dropped=record.dropped if record else 0,
             record_bytes=record.bytes if record else 0,
+            dropped_out=self._publisher.pool_dropped if self._publisher else 0,
             first_in_ns=self._first_in_ns,
             first_out_ns=self._first_out_ns,
         )
+
+    def _dropped_in(self) -> dict[str, int]:
+        """Lost samples per input; under `latest` a reused shared-memory slot is a skip, not a loss."""
+        latest = self._inputs is not None and self._inputs.policy == "latest"
+        return {s.key: s.dropped + (self._inputs.overflowed[s.key] if self._inputs else 0) + (0 if latest else s.stale)
+                for s in self._subscribers}
+
+    def _skipped_in(self) -> dict[str, int]:
+        if self._inputs is None:
+            return {}
+        latest = self._inputs.policy == "latest"
+        return {s.key: self._inputs.skipped[s.key] + (s.stale if latest else 0) for s in self._subscribers}
 
     def _report_error(self, phase: str, err: BaseException) -> None:
         message = err.message if isinstance(err, CpError) else f"{type(err).__name__}: {err}"
@@ -345,6 +385,8 @@ class Driver:
             except Exception as err:
                 failed = True
                 self._report_error("teardown", err)
+        for sub in self._subscribers:
+            sub.count_unreceived()
         if self._config:
             stats = self.stats().to_dict()
             try:
@@ -354,7 +396,10 @@ class Driver:
             except OSError as err:
                 failed = True
                 self._report_error("record", err)
-            self._control.send(DONE, {"stats": stats, "files": files, "failed": failed})
+            sent = {p: self._publisher.sent(p) for p in self._ports} if self._publisher else {}
+            self._control.send(DONE, {"stats": stats, "files": files, "failed": failed, "sent": sent})
+        if self._inputs is not None:
+            self._inputs.clear()
         for sub in self._subscribers:
             sub.close()
         if self._publisher is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cpcli.node import Sample
 
-QUEUE_LIMIT = 64  # samples held per input under `all`/`aligned` before the oldest is dropped (counted)
+QUEUE_LIMIT = 8  # samples held per input under `all`/`aligned`; more wait in the socket (or shared memory)
 
 
 class InputSet:
@@ -20,13 +20,14 @@ class InputSet:
     """
 
     def __init__(self, keys: Sequence[str], policy: str = "latest", tolerance_ms: float = 20.0,
-                 queue_limit: int = QUEUE_LIMIT) -> None:
+                 queue_limit: int = QUEUE_LIMIT, on_release: Callable[[str, Sample], None] | None = None) -> None:
         if policy not in ("latest", "all", "aligned"):
             raise ValueError(f"unknown input policy {policy!r}")
         self.keys = tuple(keys)
         self.policy = policy
         self._tolerance_ns = int(tolerance_ms * 1e6)
         self._limit = queue_limit
+        self._release = on_release or (lambda key, sample: None)  # a sample left without being stepped on
         self._queues: dict[str, deque[Sample]] = {k: deque() for k in keys}
         self._latest: dict[str, Sample] = {}
         self._fresh: set[str] = set()
@@ -41,12 +42,14 @@ class InputSet:
         if self.policy == "latest":
             if key in self._fresh:
                 self.skipped[key] += 1
+            if key in self._latest:
+                self._release(key, self._latest[key])
             self._latest[key] = sample
             self._fresh.add(key)
             return
         queue = self._queues[key]
         if len(queue) >= self._limit:
-            queue.popleft()
+            self._release(key, queue.popleft())
             self.overflowed[key] += 1
         queue.append(sample)
 
@@ -71,7 +74,7 @@ class InputSet:
             moved = False
             for key, queue in self._queues.items():
                 while queue and (queue[0].t_ns or 0) < pivot - self._tolerance_ns:
-                    queue.popleft()
+                    self._release(key, queue.popleft())
                     self.skipped[key] += 1
                     moved = True
             if not moved:
@@ -85,6 +88,21 @@ class InputSet:
         if self.policy == "aligned":
             return self._align()
         return all(self._queues.values())
+
+    @property
+    def keeps_stepped_samples(self) -> bool:
+        """Under `latest` a stepped sample stays (it is reused until replaced); else it is consumed."""
+        return self.policy == "latest"
+
+    def clear(self) -> None:
+        """Release everything held (the node is finishing)."""
+        for key, sample in self._latest.items():
+            self._release(key, sample)
+        for key, queue in self._queues.items():
+            while queue:
+                self._release(key, queue.popleft())
+        self._latest.clear()
+        self._fresh.clear()
 
     def pending(self) -> int:
         """Samples held and not yet stepped on."""

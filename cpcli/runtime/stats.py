@@ -24,6 +24,7 @@ class NodeStats:
     record_backlog: int = 0
     record_dropped: int = 0
     record_bytes: int = 0
+    dropped_out: int = 0  # samples the node could not hand to same-host readers (pool full)
     first_in_ns: int | None = None  # session time of the first sample received (start-up latency)
     first_out_ns: int | None = None  # session time of the first sample sent
 
@@ -38,6 +39,7 @@ class NodeStats:
             "record_backlog": self.record_backlog,
             "record_dropped": self.record_dropped,
             "record_bytes": self.record_bytes,
+            "dropped_out": self.dropped_out,
             "first_in_ns": self.first_in_ns,
             "first_out_ns": self.first_out_ns,
         }
@@ -59,6 +61,7 @@ class NodeStats:
             record_backlog=int(data.get("record_backlog", 0)),
             record_dropped=int(data.get("record_dropped", 0)),
             record_bytes=int(data.get("record_bytes", 0)),
+            dropped_out=int(data.get("dropped_out", 0)),
             first_in_ns=None if data.get("first_in_ns") is None else int(data["first_in_ns"]),
             first_out_ns=None if data.get("first_out_ns") is None else int(data["first_out_ns"]),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -17,8 +18,9 @@ import zmq
 
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
+from cpcli.transport import shm
 from cpcli.transport.control import ControlServer
-from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
 from cpcli.transport.pubsub import topic_for
 
 
@@ -64,7 +66,8 @@ class Supervisor:
     """Owns a host's node processes and the ROUTER they report to; used from one thread."""
 
     def __init__(self, plans: list[NodePlan], session_dir: Path, worker: str, timing: Timing,
-                 host: str = "127.0.0.1", logger: logging.Logger | None = None) -> None:
+                 host: str = "127.0.0.1", logger: logging.Logger | None = None, *,
+                 shared_memory: bool = True, shm_threshold_bytes: int = 0) -> None:
         self._plans = {p.id: p for p in plans}
         self._session_dir = session_dir
         self._worker = worker
@@ -76,6 +79,10 @@ class Supervisor:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._status = {p.id: NodeStatus(p.id, p.type, NodeState.STARTING) for p in plans}
         self._endpoints: dict[str, str] = {}
+        self._shm_prefixes: dict[str, str | None] = {}
+        self._shared_memory = shared_memory
+        self._shm_threshold_bytes = shm_threshold_bytes
+        self._session_tag = hashlib.sha256(str(session_dir).encode()).hexdigest()[:8]
         self._wired = False
         self._stopped = False
         self._closed = False
@@ -86,6 +93,8 @@ class Supervisor:
     def start(self) -> None:
         """Spawn one process per node; each connects back and asks for its configuration."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for name in shm.clean_stale_segments():  # left by a session whose processes were killed
+            self._log.info("removed stale shared memory %s", name)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for node_id in self._plans:
             with open(self.log_path(node_id), "ab") as log:
@@ -158,6 +167,7 @@ class Supervisor:
             self._server.send(node_id, CONFIG, self._config_for(plan))
         elif command == BOUND:
             self._endpoints[node_id] = str(body["endpoint"])
+            self._shm_prefixes[node_id] = body.get("shm_prefix")
             self._set(node_id, state=NodeState.BOUND)
             self._wire_when_bound()
         elif command == READY:
@@ -174,6 +184,11 @@ class Supervisor:
             state = NodeState.FAILED if status.error or body.get("failed") else NodeState.DONE
             self._set(node_id, state=state, stats=NodeStats.from_dict(body.get("stats", {})),
                       files=tuple(body.get("files", ())))
+            sent = body.get("sent")
+            if isinstance(sent, dict):  # downstream nodes learn how many samples to wait for
+                for plan in self._plans.values():
+                    if any(source == node_id for _, source, _ in plan.inputs) and self._alive(plan.id):
+                        self._server.send(plan.id, ENDED, {"source": node_id, "sent": sent})
 
     def _config_for(self, plan: NodePlan) -> dict[str, Any]:
         return {
@@ -184,6 +199,9 @@ class Supervisor:
             "host": self._host,
             "log_path": str(self.log_path(plan.id)),
             "timing": self._timing.to_dict(),
+            "session_tag": self._session_tag,
+            "shared_memory": self._shared_memory,
+            "shm_threshold_bytes": self._shm_threshold_bytes,
         }
 
     def _wire_when_bound(self) -> None:
@@ -192,13 +210,29 @@ class Supervisor:
             return
         self._wired = True
         subscribers: dict[str, dict[str, int]] = {n: {} for n in self._plans}
+        all_readers: dict[str, list[int]] = {n: [] for n in self._plans}
+        local_readers = dict.fromkeys(self._plans, 0)
+        inputs: dict[str, list[dict[str, Any]]] = {n: [] for n in self._plans}
         for plan in self._plans.values():
-            for _, source, port in plan.inputs:
+            for key, source, port in plan.inputs:
                 subscribers[source][port] = subscribers[source].get(port, 0) + 1
+                edge: dict[str, Any] = {"key": key, "endpoint": self._endpoints[source],
+                                        "topic": topic_for(source, port).decode()}
+                prefix = self._shm_prefixes.get(source)
+                if prefix:  # same host: large payloads through the publisher's shared memory
+                    local_readers[source] += 1
+                    reader = None
+                    if plan.sync == "all":  # never reclaim what this reader has not read: backpressure
+                        reader = len(all_readers[source])
+                        all_readers[source].append(reader)
+                    edge["shm"] = {"prefix": prefix, "reader": reader}
+                inputs[plan.id].append(edge)
         for plan in self._plans.values():
-            inputs = [{"key": key, "endpoint": self._endpoints[source], "topic": topic_for(source, port).decode()}
-                      for key, source, port in plan.inputs]
-            self._server.send(plan.id, CONNECT, {"inputs": inputs, "subscribers": subscribers[plan.id]})
+            body: dict[str, Any] = {"inputs": inputs[plan.id], "subscribers": subscribers[plan.id]}
+            if self._shm_prefixes.get(plan.id) and local_readers[plan.id]:
+                body["shared_memory"] = {"local_readers": local_readers[plan.id],
+                                         "all_readers": all_readers[plan.id]}
+            self._server.send(plan.id, CONNECT, body)
 
     def _check_exit(self, node_id: str) -> None:
         proc = self._procs.get(node_id)
@@ -251,6 +285,7 @@ class Supervisor:
                           or f"did not stop in time and was terminated (see {self.log_path(node_id)})")
         self._server.close()
         self._context.term()
+        shm.clean_stale_segments()  # segments of nodes that were killed before they could unlink
         return forced
 
     def __enter__(self) -> Supervisor:

@@ -24,12 +24,14 @@ STATS = b"STATS"  # driver -> supervisor: periodic statistics
 STOP = b"STOP"  # supervisor -> driver: sources stop; others drain, then finish
 ERROR = b"ERROR"  # driver -> supervisor: the node failed
 DONE = b"DONE"  # driver -> supervisor: finished, files final, statistics attached
-COMMANDS = frozenset({HELLO, CONFIG, BOUND, CONNECT, READY, START, STATS, STOP, ERROR, DONE})
+ENDED = b"ENDED"  # supervisor -> driver: an upstream node finished; how many samples it sent per port
+COMMANDS = frozenset({HELLO, CONFIG, BOUND, CONNECT, READY, START, STATS, STOP, ERROR, DONE, ENDED})
 
 # Data message kinds (header field "k").
 KIND_ARRAY = "nd"  # payload is the raw buffer of a C-contiguous numpy array
 KIND_OBJECT = "obj"  # payload is msgpack of plain data
 KIND_END = "eos"  # end of stream: the publisher sends nothing more on this topic
+KIND_SHM = "shm"  # no payload: the array lies in the publisher's shared-memory slot (same host)
 
 MAX_HEADER_BYTES = 4096  # headers are a handful of fields; anything larger is not ours
 
@@ -44,6 +46,8 @@ class Header:
     dtype: str = ""
     shape: tuple[int, ...] = ()
     rate_hz: float | None = None
+    slot: int = -1  # KIND_SHM: which slot of the publisher's pool
+    generation: int = 0  # KIND_SHM: the slot's generation when written; a different one is stale
 
 
 def _plain(value: Any) -> Any:
@@ -74,9 +78,12 @@ def unpack_object(payload: bytes | memoryview) -> Any:
 
 def encode_header(header: Header) -> bytes:
     fields: dict[str, Any] = {"s": header.seq, "t": header.t_ns, "k": header.kind}
-    if header.kind == KIND_ARRAY:
+    if header.kind in (KIND_ARRAY, KIND_SHM):
         fields["d"] = header.dtype
         fields["sh"] = list(header.shape)
+    if header.kind == KIND_SHM:
+        fields["sl"] = header.slot
+        fields["g"] = header.generation
     if header.rate_hz is not None:
         fields["r"] = header.rate_hz
     return msgpack.packb(fields)  # type: ignore[no-any-return]
@@ -90,10 +97,11 @@ def decode_header(raw: bytes | memoryview) -> Header:
         fields = msgpack.unpackb(raw, raw=False)
         kind = fields["k"]
         rate = fields.get("r")
-        if kind == KIND_ARRAY:
+        if kind in (KIND_ARRAY, KIND_SHM):
             return Header(
                 int(fields["s"]), int(fields["t"]), kind, str(fields["d"]), tuple(int(n) for n in fields["sh"]),
                 None if rate is None else float(rate),
+                int(fields.get("sl", -1)), int(fields.get("g", 0)),
             )
         if kind in (KIND_OBJECT, KIND_END):
             return Header(int(fields["s"]), int(fields["t"]), kind, rate_hz=None if rate is None else float(rate))

@@ -1,9 +1,16 @@
-"""Data plane: one XPUB per node, one SUB per input, sequence numbers that make drops visible."""
+"""Data plane: one XPUB per node, one SUB per input, sequence numbers that make drops visible.
+
+Each port has two topics. `node/port` carries payloads inline (TCP, for other machines);
+`@node/port` is for subscribers on the publisher's own machine and carries large arrays as a
+reference to a shared-memory slot (written once, read in place). The publisher sends on a
+topic only while someone subscribes to it, so a node never pays for a path nobody uses.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,10 +18,12 @@ import zmq
 
 from cpcli.errors import TransportError
 from cpcli.node import Sample
+from cpcli.transport import shm
 from cpcli.transport.protocol import (
     KIND_ARRAY,
     KIND_END,
     KIND_OBJECT,
+    KIND_SHM,
     Header,
     array_from_payload,
     decode_header,
@@ -25,6 +34,11 @@ from cpcli.transport.protocol import (
 
 DATA_HWM = 64  # messages queued per subscriber before PUB drops; bounds memory at 64 frames
 LINGER_MS = 0  # data is recorded at its source; nothing in flight is worth a hung exit
+SHM_THRESHOLD_BYTES = 64 * 1024  # below this a copy through ZeroMQ costs less than a slot
+SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past this
+SHM_MAX_SLOTS = 64
+BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
+LOCAL_MARK = b"@"  # topic prefix of the same-host variant of a port
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 
 
@@ -32,10 +46,21 @@ def topic_for(node_id: str, port: str) -> bytes:
     return f"{node_id}/{port}".encode()
 
 
+@dataclass(frozen=True)
+class SharedMemoryPlan:
+    """How a publisher shares memory with the readers on its machine."""
+
+    prefix: str  # segment name prefix: per session, node and process
+    local_readers: int  # subscriptions from this machine, to size the pool
+    all_readers: tuple[int, ...] = ()  # reader indices of `sync: all` inputs (backpressure)
+    threshold_bytes: int = SHM_THRESHOLD_BYTES
+
+
 class Publisher:
     """A node's one XPUB socket: publishes every output port and sees who subscribes."""
 
-    def __init__(self, context: zmq.Context[Any], node_id: str, ports: Sequence[str], host: str = "127.0.0.1") -> None:
+    def __init__(self, context: zmq.Context[Any], node_id: str, ports: Sequence[str], host: str = "127.0.0.1",
+                 logger: logging.Logger | None = None) -> None:
         self._socket: zmq.Socket[Any] = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, DATA_HWM)
@@ -46,13 +71,22 @@ class Publisher:
             self._socket.close()
             raise TransportError(f"cannot bind a data socket on {host} ({err})") from err
         self.endpoint = f"tcp://{host}:{port}"
+        self._log = logger or logging.getLogger("cpcli.pubsub")
         self._topics = {p: topic_for(node_id, p) for p in ports}
+        self._local_topics = {p: LOCAL_MARK + t for p, t in self._topics.items()}
         self._seq = dict.fromkeys(ports, 0)
         self._subscribers: dict[bytes, int] = {}
+        self._plan: SharedMemoryPlan | None = None
+        self._pool: shm.SlotPool | None = None
+        self.pool_dropped = 0  # samples no slot could be found for in time: counted, never hidden
 
     @property
     def socket(self) -> zmq.Socket[Any]:
         return self._socket
+
+    def share_memory(self, plan: SharedMemoryPlan) -> None:
+        """Send large arrays to same-host readers through a shared-memory pool."""
+        self._plan = plan
 
     def handle_subscriptions(self) -> None:
         """Count subscribe/unsubscribe messages waiting on the socket."""
@@ -67,58 +101,129 @@ class Publisher:
                 self._subscribers[topic] = max(0, self._subscribers.get(topic, 0) + delta)
 
     def subscribers(self, port: str) -> int:
-        return self._subscribers.get(self._topics[port], 0)
+        """Subscribers of a port over either path."""
+        return self._subscribers.get(self._topics[port], 0) + self._subscribers.get(self._local_topics[port], 0)
 
     def sent(self, port: str) -> int:
         """How many samples went out on a port (the next sequence number)."""
         return self._seq[port]
 
     def publish(self, port: str, value: Any, t_ns: int, rate_hz: float | None = None) -> int:
-        """Send one sample; arrays go zero-copy. Returns its sequence number."""
+        """Send one sample on every path that has subscribers. Returns its sequence number."""
         seq = self._seq[port]
         self._seq[port] = seq + 1
-        topic = self._topics[port]
+        remote = self._subscribers.get(self._topics[port], 0) > 0
+        local = self._subscribers.get(self._local_topics[port], 0) > 0
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
             array = np.ascontiguousarray(value)
-            header = Header(seq, t_ns, KIND_ARRAY, array.dtype.str, array.shape, rate_hz)
-            self._socket.send_multipart([topic, encode_header(header), array.data], copy=False)
-        else:
+            header = encode_header(Header(seq, t_ns, KIND_ARRAY, array.dtype.str, array.shape, rate_hz))
+            if local and self._plan is not None and array.nbytes >= self._plan.threshold_bytes:
+                self._publish_shared(port, array, seq, t_ns, rate_hz)
+            elif local:
+                self._socket.send_multipart([self._local_topics[port], header, array.data], copy=False)
+            if remote:
+                self._socket.send_multipart([self._topics[port], header, array.data], copy=False)
+            return seq
+        if local or remote:
             payload = pack_object(value)
-            header = Header(seq, t_ns, KIND_OBJECT, rate_hz=rate_hz)
-            self._socket.send_multipart([topic, encode_header(header), payload])
+            header = encode_header(Header(seq, t_ns, KIND_OBJECT, rate_hz=rate_hz))
+            for topic, wanted in ((self._local_topics[port], local), (self._topics[port], remote)):
+                if wanted:
+                    self._socket.send_multipart([topic, header, payload])
         return seq
+
+    def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None) -> None:
+        pool = self._pool or self._make_pool(array.nbytes)
+        ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S)
+        if ref is None:  # every slot still held: the readers see a gap in sequence numbers
+            self.pool_dropped += 1
+            if self.pool_dropped == 1:
+                self._log.warning("shared-memory pool full for %s: dropping samples (counted)", port)
+            return
+        header = Header(seq, t_ns, KIND_SHM, array.dtype.str, array.shape, rate_hz, ref.slot, ref.generation)
+        self._socket.send_multipart([self._local_topics[port], encode_header(header)])
+
+    def _make_pool(self, nbytes: int) -> shm.SlotPool:
+        assert self._plan is not None
+        initial = 2 + 2 * self._plan.local_readers
+        most = max(initial, min(SHM_MAX_SLOTS, SHM_POOL_MAX_BYTES // max(1, nbytes + shm.HEADER_BYTES)))
+        self._pool = shm.SlotPool(self._plan.prefix, initial_slots=initial, max_slots=most)
+        for index in self._plan.all_readers:
+            self._pool.expect_all_reader(index)
+        return self._pool
 
     def end(self) -> None:
         """Tell subscribers every port is finished (carries the count sent, so tail drops show)."""
-        for port, topic in self._topics.items():
-            self._socket.send_multipart([topic, encode_header(Header(self._seq[port], 0, KIND_END))])
+        for port in self._topics:
+            header = encode_header(Header(self._seq[port], 0, KIND_END))
+            for topic in (self._topics[port], self._local_topics[port]):
+                self._socket.send_multipart([topic, header])
 
     def close(self) -> None:
         self._socket.close(linger=LINGER_MS)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 class Subscriber:
-    """One input of a node: a SUB socket on the upstream node's topic, counting gaps."""
+    """One input of a node: a SUB socket on the upstream node's topic, counting gaps.
+
+    With `shared_memory` (prefix, reader index) it takes the same-host variant of the topic and
+    holds each shared-memory sample until `release(seq)`.
+    """
 
     def __init__(self, context: zmq.Context[Any], key: str, endpoint: str, topic: bytes,
-                 logger: logging.Logger) -> None:
+                 logger: logging.Logger, shared_memory: tuple[str, int | None] | None = None) -> None:
         self.key = key
-        self._topic = topic
+        self.source, _, self.port = topic.decode().partition("/")
         self._log = logger
+        self._reader: shm.SlotReader | None = None
+        if shared_memory is not None:
+            topic = LOCAL_MARK + topic
+            self._reader = shm.SlotReader(shared_memory[0], shared_memory[1])
+        self._topic = topic
         self._socket: zmq.Socket[Any] = context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
         self._socket.setsockopt(zmq.SUBSCRIBE, topic)
         self._socket.connect(endpoint)
         self.received = 0
-        self.dropped = 0
+        self._dropped_on_wire = 0
         self.malformed = 0
         self.ended = False
         self._next_seq = 0
+        self._final_seq: int | None = None  # how many the publisher sent, once it has finished
 
     @property
     def socket(self) -> zmq.Socket[Any]:
         return self._socket
+
+    @property
+    def dropped(self) -> int:
+        """Samples lost on the way (sequence gaps): the publisher or the network dropped them."""
+        return self._dropped_on_wire
+
+    def expect_end(self, sent: int) -> None:
+        """The publisher finished after sending `sent` samples (told by the supervisor: its own
+        end-of-stream message may have been dropped by a full queue)."""
+        self._final_seq = sent
+        if self._next_seq >= sent:
+            self.ended = True
+
+    def count_unreceived(self) -> int:
+        """At the end: samples the publisher sent that never arrived here count as dropped."""
+        if self._final_seq is None or self._next_seq >= self._final_seq:
+            return 0
+        missing = self._final_seq - self._next_seq
+        self._dropped_on_wire += missing
+        self._next_seq = self._final_seq
+        return missing
+
+    @property
+    def stale(self) -> int:
+        """Shared-memory samples whose slot the publisher reused before this input read them."""
+        return self._reader.stale if self._reader is not None else 0
 
     def receive(self) -> Sample | None:
         """The next sample waiting, or None when there is none (or the stream has ended)."""
@@ -133,6 +238,11 @@ class Subscriber:
             if self.ended:
                 return None
 
+    def release(self, sample: Sample) -> None:
+        """This input is done with a sample: its shared-memory slot may be reused."""
+        if self._reader is not None:
+            self._reader.release(sample.seq)
+
     def _decode(self, frames: list[zmq.Frame]) -> Sample | None:
         if len(frames) < 2 or frames[0].bytes != self._topic:
             return None  # another port of the same node that shares our topic prefix
@@ -142,13 +252,24 @@ class Subscriber:
                 self._count_gap(header.seq)
                 self.ended = True
                 return None
+            if header.kind == KIND_SHM:
+                if self._reader is None or len(frames) != 2:
+                    raise TransportError("a shared-memory reference reached a TCP input")
+                self._count_gap(header.seq)
+                self._next_seq = header.seq + 1
+                value = self._reader.open(shm.SlotRef(header.slot, header.generation), header.seq,
+                                          np.dtype(header.dtype), header.shape)
+                if value is None:
+                    return None  # stale: counted by the reader
+                self.received += 1
+                return Sample(value, t_ns=header.t_ns, rate_hz=header.rate_hz, seq=header.seq)
             if len(frames) != 3:
                 raise TransportError(f"{len(frames)} frames in a data message")
             if header.kind == KIND_ARRAY:
                 value = array_from_payload(header, frames[2].buffer)
             else:
                 value = unpack_object(frames[2].buffer)
-        except (TransportError, ValueError) as err:
+        except (TransportError, ValueError, TypeError) as err:
             self.malformed += 1
             if self.malformed == 1:
                 self._log.warning("input %s: dropped a malformed message (%s)", self.key, err)
@@ -160,8 +281,13 @@ class Subscriber:
 
     def _count_gap(self, seq: int) -> None:
         if seq > self._next_seq:
-            self.dropped += seq - self._next_seq
+            self._dropped_on_wire += seq - self._next_seq
             self._next_seq = seq
+        if self._final_seq is not None and seq + 1 >= self._final_seq:
+            self.ended = True
 
     def close(self) -> None:
         self._socket.close(linger=LINGER_MS)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

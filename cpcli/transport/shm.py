@@ -1,0 +1,314 @@
+"""Same-host payloads in shared memory: a publisher's pool of slots, written once, read in place.
+
+Each slot is one file in /dev/shm: a 64-byte header (generation, payload bytes) and the payload.
+A publisher writes a slot under an exclusive `lockf` lock and bumps its generation; a reader
+takes a shared lock for as long as it holds the sample and checks the generation, so a slot is
+never rewritten while anyone reads it and a stale reference is detected, never read. POSIX record
+locks vanish with their process, so a reader killed with -9 never pins a slot. A small control
+file holds, per reader of a `sync: all` input, the last sequence number it released: the
+publisher waits for those readers (backpressure) instead of reclaiming what they have not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpcli.errors import TransportError
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "cpcli"  # every segment we create starts with it: cleanup never touches anything else
+HEADER_BYTES = 64  # generation + payload size, padded so payloads start cache-line aligned
+_HEADER = struct.Struct("<QQ")
+MAX_READERS = 64  # readers per publisher that the control file has room for
+_READER = struct.Struct("<qq")  # (pid, last released sequence number) per reader
+_NAME = re.compile(rf"^{PREFIX}_[0-9a-f]+_[a-z0-9_]+_(\d+)_(?:ctl|s\d+)$")
+BACKPRESSURE_POLL_S = 0.0005  # how often a blocked publisher looks for a released slot
+
+
+def available() -> bool:
+    """Whether this machine has a POSIX shared-memory folder we can use."""
+    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+def segment_prefix(session_tag: str, node_id: str, pid: int) -> str:
+    """Names are per session, node and process, so stale ones can be found and removed."""
+    return f"{PREFIX}_{session_tag}_{node_id}_{pid}"
+
+
+def clean_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink segments whose creating process is gone (a node or `cp run` killed with -9)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in shm_dir.iterdir():
+            match = _NAME.match(path.name)
+            if match and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path.name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_lock(fd: int, exclusive: bool) -> bool:
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB, 1, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+
+
+class _Segment:
+    """One mapped file in /dev/shm."""
+
+    def __init__(self, path: Path, size: int, create: bool) -> None:
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except OSError as err:
+            raise TransportError(f"cannot open shared memory {path} ({err.strerror})") from err
+        try:
+            if create:
+                os.ftruncate(self.fd, size)
+            else:
+                size = os.fstat(self.fd).st_size
+            self.map = mmap.mmap(self.fd, size)
+        except OSError as err:
+            os.close(self.fd)
+            raise TransportError(f"cannot map shared memory {path} ({err.strerror})") from err
+        self.size = size
+
+    def close(self, unlink: bool) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.map.close()  # a view still held elsewhere keeps the mapping; the fd goes anyway
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if unlink:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """What travels over ZeroMQ instead of the payload."""
+
+    slot: int
+    generation: int
+
+
+class SlotPool:
+    """A publisher's slots: grows from `initial_slots` up to `max_slots`, never reuses a held slot."""
+
+    def __init__(self, prefix: str, *, initial_slots: int = 4, max_slots: int = 16, shm_dir: Path = SHM_DIR) -> None:
+        self.prefix = prefix
+        self._dir = shm_dir
+        self._initial = max(1, initial_slots)
+        self._max = max(self._initial, max_slots)
+        self._slots: list[_Segment | None] = []
+        self._seqs: list[int] = []  # last sequence number written to each slot
+        self._next = 0  # round robin: the oldest slot is tried first
+        self._control = _Segment(shm_dir / f"{prefix}_ctl", MAX_READERS * _READER.size, create=True)
+        self._readers = np.frombuffer(self._control.map, dtype=np.int64).reshape(MAX_READERS, 2)
+        self._readers[:] = -1
+        self._all_readers: list[int] = []  # reader indices with `sync: all`: wait for them
+        self._generation = 0  # pool-wide, so a rewritten or replaced slot never repeats one
+        self.blocked_s = 0.0  # time spent waiting for `all` readers (backpressure)
+
+    @property
+    def control_name(self) -> str:
+        return f"{self.prefix}_ctl"
+
+    @property
+    def slot_count(self) -> int:
+        return len(self._slots)
+
+    def expect_all_reader(self, index: int) -> None:
+        """A reader of a `sync: all` input: its unread samples are never reclaimed."""
+        if not 0 <= index < MAX_READERS:
+            raise TransportError(f"reader index {index} is outside 0..{MAX_READERS - 1}")
+        self._all_readers.append(index)
+
+    def write(self, payload: np.ndarray, seq: int, timeout_s: float) -> SlotRef | None:
+        """Copy a payload into a free slot (the one copy); None if none freed up in time."""
+        nbytes = payload.nbytes
+        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        while True:
+            index = self._claim(nbytes)
+            if index is not None:
+                break
+            if time.monotonic() >= deadline:
+                self.blocked_s += time.monotonic() - started
+                return None
+            time.sleep(BACKPRESSURE_POLL_S)
+        if time.monotonic() - started > BACKPRESSURE_POLL_S:
+            self.blocked_s += time.monotonic() - started
+        segment = self._slots[index]
+        assert segment is not None
+        self._generation += 1
+        generation = self._generation
+        try:
+            _HEADER.pack_into(segment.map, 0, generation, nbytes)
+            target = np.frombuffer(segment.map, dtype=np.uint8, count=nbytes, offset=HEADER_BYTES)
+            np.copyto(target, payload.reshape(-1).view(np.uint8))
+            del target
+        finally:
+            _unlock(segment.fd)
+        self._seqs[index] = seq
+        return SlotRef(index, generation)
+
+    def _claim(self, nbytes: int) -> int | None:
+        """Lock a slot that no reader holds and no `all` reader still needs; grow if none."""
+        count = len(self._slots)
+        for offset in range(count):
+            index = (self._next + offset) % count
+            segment = self._slots[index]
+            if segment is None or segment.size - HEADER_BYTES < nbytes or not self._released_by_all(index):
+                continue
+            if _try_lock(segment.fd, exclusive=True):  # no reader holds it: unread references go stale
+                self._next = (index + 1) % count
+                return index
+        if count < self._max or any(s is not None and s.size - HEADER_BYTES < nbytes for s in self._slots):
+            return self._add_slot(nbytes)
+        return None
+
+    def _add_slot(self, nbytes: int) -> int | None:
+        """A new slot, or a too-small one replaced by a larger one."""
+        size = HEADER_BYTES + nbytes
+        for index, segment in enumerate(self._slots):
+            if segment is not None and segment.size < size and _try_lock(segment.fd, exclusive=True):
+                segment.close(unlink=True)  # readers holding it keep their mapping until they let go
+                self._slots[index] = None
+        index = next((i for i, s in enumerate(self._slots) if s is None), len(self._slots))
+        if index >= self._max:
+            return None
+        segment = _Segment(self._dir / f"{self.prefix}_s{index}", size, create=True)
+        if not _try_lock(segment.fd, exclusive=True):  # nobody can know it yet; cannot fail
+            segment.close(unlink=True)
+            return None
+        if index == len(self._slots):
+            self._slots.append(segment)
+            self._seqs.append(-1)
+        else:
+            self._slots[index] = segment
+            self._seqs[index] = -1
+        return index
+
+    def _released_by_all(self, index: int) -> bool:
+        seq = self._seqs[index]
+        if seq < 0:
+            return True
+        for reader in self._all_readers:
+            pid, released = int(self._readers[reader, 0]), int(self._readers[reader, 1])
+            if released < seq and (pid < 0 or _pid_alive(pid)):
+                return False  # an `all` reader (or one still starting up) has not read it yet
+        return True
+
+    def close(self) -> None:
+        """Unlink every segment (readers keep their mappings until they close them)."""
+        del self._readers
+        for segment in self._slots:
+            if segment is not None:
+                segment.close(unlink=True)
+        self._slots.clear()
+        self._control.close(unlink=True)
+
+
+class SlotReader:
+    """A subscriber's side: maps a publisher's slots on first use, holds shared locks for leases."""
+
+    def __init__(self, prefix: str, reader_index: int | None, shm_dir: Path = SHM_DIR) -> None:
+        self._prefix = prefix
+        self._dir = shm_dir
+        self._segments: dict[int, _Segment] = {}
+        self._held: dict[int, int] = {}  # seq -> slot index, for samples not yet released
+        self._index = reader_index
+        self._control: _Segment | None = None  # mapped with the first sample: the pool exists by then
+        self._released = -1
+        self.stale = 0  # references whose slot had already been rewritten: counted as drops
+
+    def open(self, ref: SlotRef, seq: int, dtype: np.dtype, shape: tuple[int, ...],
+             remapped: bool = False) -> np.ndarray | None:
+        """A read-only view on the payload, held until `release(seq)`; None if it went stale."""
+        if self._index is not None and self._control is None:
+            self._control = _Segment(self._dir / f"{self._prefix}_ctl", 0, create=False)
+            _READER.pack_into(self._control.map, self._index * _READER.size, os.getpid(), self._released)
+        segment = self._segments.get(ref.slot)
+        if segment is None:
+            segment = self._map(ref.slot)
+            if segment is None:
+                self.stale += 1
+                return None
+        if not _try_lock(segment.fd, exclusive=False):  # the publisher is rewriting it right now
+            self.stale += 1
+            return None
+        generation, nbytes = _HEADER.unpack_from(segment.map, 0)
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if generation < ref.generation and not remapped:  # the slot was replaced by a larger file
+            _unlock(segment.fd)
+            segment.close(unlink=False)
+            del self._segments[ref.slot]
+            return self.open(ref, seq, dtype, shape, remapped=True)
+        if generation != ref.generation:
+            _unlock(segment.fd)
+            self.stale += 1
+            return None
+        if nbytes != expected:
+            _unlock(segment.fd)
+            raise TransportError(f"shared-memory slot holds {nbytes} bytes, header says {expected}")
+        view = np.frombuffer(segment.map, dtype=dtype, count=expected // dtype.itemsize,
+                             offset=HEADER_BYTES).reshape(shape)
+        view.flags.writeable = False
+        self._held[seq] = ref.slot
+        return view
+
+    def _map(self, slot: int) -> _Segment | None:
+        try:
+            segment = _Segment(self._dir / f"{self._prefix}_s{slot}", 0, create=False)
+        except TransportError:
+            return None  # unlinked already: the publisher replaced or closed it
+        self._segments[slot] = segment
+        return segment
+
+    def release(self, seq: int) -> None:
+        """Let the publisher reuse the slot of a sample this reader is done with."""
+        slot = self._held.pop(seq, None)
+        if slot is not None and slot in self._segments:
+            _unlock(self._segments[slot].fd)
+        if seq > self._released:
+            self._released = seq
+            if self._control is not None and self._index is not None:
+                _READER.pack_into(self._control.map, self._index * _READER.size, os.getpid(), seq)
+
+    def close(self) -> None:
+        for seq in list(self._held):
+            self.release(seq)
+        for segment in self._segments.values():
+            segment.close(unlink=False)
+        self._segments.clear()
+        if self._control is not None:
+            self._control.close(unlink=False)
+            self._control = None
