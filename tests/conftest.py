@@ -22,6 +22,7 @@ if str(PLUGIN_DIR) not in sys.path:  # the test plugin is found through its dist
 _paths = (str(PLUGIN_DIR), os.environ.get("PYTHONPATH"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in _paths if p)  # node processes find the plugin too
 
+SHM_DIR = Path("/dev/shm")
 LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns
 PROCESS_WIDE_THREADS = {"GarbageCollectorThread"}  # pyzmq's zero-copy collector lives as long as the process
 
@@ -36,6 +37,7 @@ def no_leaks() -> Iterator[None]:
     """Fail a test that leaves child processes or threads behind (and clean them up)."""
     me = psutil.Process()
     threads_before = set(threading.enumerate())
+    segments_before = set(SHM_DIR.glob("cpcli_*")) if SHM_DIR.is_dir() else set()
     yield
     deadline = time.monotonic() + LEAK_GRACE_S
     children = me.children(recursive=True)
@@ -49,6 +51,10 @@ def no_leaks() -> Iterator[None]:
                       and type(t).__name__ not in PROCESS_WIDE_THREADS]
     assert not children, f"processes left behind: {[c.cmdline() for c in children]}"
     assert not leaked_threads, f"threads left behind: {leaked_threads}"
+    leaked_segments = (set(SHM_DIR.glob("cpcli_*")) if SHM_DIR.is_dir() else set()) - segments_before
+    for segment in leaked_segments:
+        segment.unlink(missing_ok=True)
+    assert not leaked_segments, f"shared memory left behind: {sorted(p.name for p in leaked_segments)}"
 
 
 def cp(*args: str, cwd: Path | None = None, timeout: float = 25.0, env: dict[str, str] | None = None

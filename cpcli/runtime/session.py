@@ -42,6 +42,8 @@ class RunOptions:
     duration_s: float | None = None
     timing: Timing = field(default_factory=Timing)
     worker: str | None = None
+    shared_memory: bool = True  # same-host payloads through shared memory (False: TCP for all)
+    shm_threshold_bytes: int = 0  # arrays at least this large use shared memory; 0 = the default
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def run_session(recipe: Recipe, registry: Registry, options: RunOptions, stop: S
     clock = Clock()
     log = logging.getLogger("cpcli.session")
     events = EventLog(session_dir / "events.jsonl")
-    supervisor = Supervisor(plan_nodes(recipe, registry), session_dir, worker, options.timing, logger=log)
+    supervisor = Supervisor(plan_nodes(recipe, registry), session_dir, worker, options.timing, logger=log,
+                            shared_memory=options.shared_memory, shm_threshold_bytes=options.shm_threshold_bytes)
     start_ns = clock.now_ns()
     start_utc = now
     stop_ns: int | None = None

@@ -98,3 +98,48 @@ class Stubborn(Node):
     def step(self, inputs: Inputs) -> Outputs:
         time.sleep(self.block_s)
         return None
+
+
+class Pattern(Node):
+    """Frames whose every byte is derived from the frame number: a torn frame cannot pass `verify`."""
+
+    outputs = ("video",)
+    input_count = 0
+
+    def __init__(self, *, width: int = 640, height: int = 480, rate_hz: float = 0.0) -> None:
+        self.width, self.height, self.rate_hz = width, height, rate_hz
+        self._n = 0
+
+    def step(self, inputs: Inputs) -> Outputs:
+        import numpy as np
+
+        frame = np.full((self.height, self.width, 3), self._n % 251, dtype=np.uint8)
+        frame.reshape(-1)[:8] = np.frombuffer(np.int64(self._n).tobytes(), dtype=np.uint8)
+        self._n += 1
+        return frame
+
+
+class Verify(Node):
+    """Check each `pattern` frame at the start and the end of a slow step: it must not change."""
+
+    outputs = ("check",)
+    input_count = 1
+
+    def __init__(self, *, delay_ms: float = 0.0) -> None:
+        self.delay_ms = delay_ms
+
+    @staticmethod
+    def _intact(frame: object) -> tuple[int, bool]:
+        import numpy as np
+
+        flat = np.asarray(frame).reshape(-1)
+        n = int(flat[:8].view(np.int64)[0])
+        return n, bool(np.all(flat[8:] == n % 251))
+
+    def step(self, inputs: Inputs) -> Outputs:
+        sample = next(iter(inputs.values()))
+        n, ok_start = self._intact(sample.value)
+        if self.delay_ms:
+            time.sleep(self.delay_ms / 1000)
+        n_end, ok_end = self._intact(sample.value)
+        return Sample({"seq": sample.seq, "n": n, "ok": ok_start and ok_end and n == n_end})
