@@ -386,7 +386,9 @@ class Driver:
                 failed = True
                 self._report_error("teardown", err)
         for sub in self._subscribers:
-            sub.count_unreceived()
+            tail = sub.count_unreceived()
+            self._log.info("input %s: received %d, lost on the way %d (%d at the end), stale %d",
+                           sub.key, sub.received, sub.dropped, tail, sub.stale)
         if self._config:
             stats = self.stats().to_dict()
             try:

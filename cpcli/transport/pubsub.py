@@ -36,7 +36,9 @@ DATA_HWM = 64  # messages queued per subscriber before PUB drops; bounds memory 
 LINGER_MS = 0  # data is recorded at its source; nothing in flight is worth a hung exit
 SHM_THRESHOLD_BYTES = 64 * 1024  # below this a copy through ZeroMQ costs less than a slot
 SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past this
-SHM_MAX_SLOTS = 64
+# Fewer slots than ZeroMQ can queue for one subscriber (its pipes report full from about half
+# of DATA_HWM on), so a `sync: all` reader's backlog is bounded by slots, never dropped by ZeroMQ.
+SHM_MAX_SLOTS = DATA_HWM // 2 - 8
 BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
 LOCAL_MARK = b"@"  # topic prefix of the same-host variant of a port
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
