@@ -71,6 +71,7 @@ class TestVideo(Node):
         self._shift = max(1, width // 160)  # pixels per frame: a cycle takes about 160 frames
 
     def setup(self, ctx: NodeContext) -> None:
+        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
         self._clock = ctx.clock
         self._index = 0
         self._base = self._draw_base()

@@ -54,6 +54,7 @@ class Grayscale(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"grayscale node {ctx.node_id!r}"
+        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
 
     def step(self, inputs: Inputs) -> Outputs:
         sample = _single(inputs, self._where)
@@ -78,6 +79,7 @@ class Resize(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"resize node {ctx.node_id!r}"
+        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
 
     def step(self, inputs: Inputs) -> Outputs:
         sample = _single(inputs, self._where)
@@ -114,6 +116,7 @@ class Motion(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"motion node {ctx.node_id!r}"
+        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
         self._previous = None
 
     def step(self, inputs: Inputs) -> Outputs:

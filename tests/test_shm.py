@@ -19,13 +19,14 @@ from cpcli.registry import Registry
 from cpcli.runtime.session import RunOptions, StopControl, run_session
 from cpcli.runtime.timing import Timing
 from cpcli.transport import shm
-from tests.conftest import write_recipe
+from tests.conftest import _owned_by_another_live_process, write_recipe
 
 FAST = Timing(stats_interval_s=0.2, drain_timeout_s=2.0, exit_timeout_s=3.0)
 
 
 def segments() -> set[str]:
-    return {p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}_*")}
+    """Our segments: those of other runs on this machine are not ours to judge."""
+    return {p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}_*") if not _owned_by_another_live_process(p.name)}
 
 
 def _run(tmp_path: Path, registry: Registry, text: str, duration_s: float = 2.0, **options: object):  # type: ignore[no-untyped-def]
@@ -84,9 +85,9 @@ nodes:
 """
     shared = _run(tmp_path / "a", registry, text, 1.0)
     tcp = _run(tmp_path / "b", registry, text, 1.0, shared_memory=False)
-    for result in (shared, tcp):
+    for path, result in (("shared memory", shared), ("tcp", tcp)):
         stats = result.manifest["nodes"]["gray"]["stats"]
-        assert stats["dropped_in"] == {"src": 0}
+        assert stats["dropped_in"] == {"src": 0}, path
         assert stats["samples_in"]["src"] == result.manifest["nodes"]["src"]["stats"]["samples_out"]
 
 
