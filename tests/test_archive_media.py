@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cpcli.archive.media import FileRecord, FileSink, PortFiles, VideoSegments, WavSegments
+from cpcli.archive.files import FileRecord, FileSink, PortFiles
+from cpcli.archive.media import VideoSegments, WavSegments
 from cpcli.errors import ArchiveError
 
 LOG = logging.getLogger("test.archive.media")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from cpcli.recipe import load_recipe
 from cpcli.registry import Registry
-from cpcli.runtime.session import RunOptions, StopControl, run_session
+from cpcli.runtime.session import Progress, RunOptions, StopControl, run_session
 from cpcli.runtime.timing import Timing
 from tests.conftest import ROOT, write_recipe
 
@@ -157,15 +156,16 @@ nodes:
 
 def test_stop_request_ends_the_session_in_order(registry: Registry, tmp_path: Path) -> None:
     stop = StopControl()
-    timer = threading.Timer(1.5, stop.requested.set)
-    timer.start()
-    try:
-        result = run(ROOT / "recipes" / "demo.yaml", registry, tmp_path, duration_s=None, stop=stop)  # type: ignore[arg-type]
-    finally:
-        timer.cancel()
-        timer.join()
+
+    def stop_after_a_second(progress: Progress) -> None:
+        if progress.phase == "running" and progress.elapsed_s >= 1.0:
+            stop.requested.set()
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", registry)
+    options = RunOptions(out_dir=tmp_path / "sessions", duration_s=20, timing=FAST, worker="lab")
+    result = run_session(recipe, registry, options, stop, stop_after_a_second)
     assert result.interrupted and not result.failures
-    assert 1.0 < result.duration_s < 3.0
+    assert 1.0 <= result.duration_s < 3.0
     assert all(n["state"] == "done" for n in result.manifest["nodes"].values())
 
 

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
-from cpcli.archive.media import (
-    CsvSink,
-    FileRecord,
-    FileSink,
-    PortFiles,
-    StreamWriter,
-    VideoSegments,
-    WavSegments,
-)
+from cpcli.archive.files import FileRecord, PortFiles, StreamWriter
+from cpcli.archive.media import VideoSegments, WavSegments
+from cpcli.archive.tables import EventsWriter, TableWriter, classify, kind_of
 from cpcli.errors import ArchiveError
 
 __all__ = ["FileRecord", "NodeRecorder", "RecorderStats", "RecordingError", "StreamWriter", "classify"]
 
 DROP_LOG_INTERVAL_S = 1.0  # a full queue is logged at most this often, with the count since the last line
-RESERVED_COLUMNS = ("index", "t_ns")  # every table starts with these; row keys of those names get `value_`
 MEDIA_KINDS = frozenset({"video", "audio"})  # they share `<port>.timestamps.csv`, so a port holds one of them
 
 
@@ -50,154 +39,6 @@ class RecordingError(ArchiveError):
     def __init__(self, message: str, files: list[FileRecord], hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.files = files
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"a {type(value).__name__} is not JSON-able")
-
-
-def _to_json(value: Any, where: str = "") -> str:
-    try:
-        return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError) as err:
-        raise ArchiveError(
-            f"{where}cannot record a value of type {type(value).__name__} ({err})",
-            hint="send arrays, dicts of scalars or JSON-able values",
-        ) from err
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, np.bool_, np.integer, np.floating))
-
-
-def _kind(value: Any) -> str:
-    """The sample kind by shape and type alone (JSON-ability of events is checked when written)."""
-    if isinstance(value, np.ndarray):
-        dtype, shape = value.dtype, value.shape
-        if dtype == np.uint8 and value.size and (value.ndim == 2 or (value.ndim == 3 and shape[2] == 3)):
-            return "video"
-        is_float = dtype.kind == "f" and dtype.itemsize in (4, 8)
-        is_int = dtype.kind == "i" and dtype.itemsize in (2, 4)
-        if (value.ndim == 2 and shape[1] > 0 and (is_float or is_int)) or (
-            value.ndim == 1 and (is_float or (is_int and dtype.itemsize == 2))
-        ):
-            return "audio"
-        return "events"
-    if isinstance(value, dict) and value and all(isinstance(k, str) and _is_scalar(v) for k, v in value.items()):
-        return "table"
-    return "events"
-
-
-def classify(value: Any) -> str:
-    """How a value is recorded: "video", "audio", "table" or "events".
-
-    Video is an HxW or HxWx3 uint8 array; audio a (frames x channels) float32/float64/int16/int32
-    array, or a 1-D float or int16 array (one channel); a table row a non-empty flat dict of str
-    to scalars; anything else JSON-able (numpy arrays and scalars included) is an event.
-
-    Raises:
-        ArchiveError: the value cannot be recorded; the message names its type.
-    """
-    kind = _kind(value)
-    if kind == "events":
-        _to_json(value)
-    return kind
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, np.floating):
-        return str(value)  # shortest text that reads back as the same float32/float64
-    if isinstance(value, float):
-        return float.__repr__(value)
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return str(value)
-
-
-class TableWriter(StreamWriter):
-    """Table rows into `<port>.csv`: `index,t_ns` then the first row's columns in order.
-
-    A row with a column the header lacks starts a new part `<port>-0001.csv` whose header adds
-    the new columns; a row missing columns leaves them empty, like None.
-    """
-
-    def __init__(self, files: PortFiles, logger: logging.Logger) -> None:
-        self._files, self._log = files, logger
-        self._columns: list[str] = []
-        self._sink: CsvSink | None = None
-        self._part = 0
-        self._records: list[FileRecord] = []
-        self._closed_bytes = 0
-
-    @property
-    def bytes_written(self) -> int:
-        return self._closed_bytes + (self._sink.bytes_written if self._sink else 0)
-
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
-        row: Mapping[str, Any] = value
-        new = [key for key in row if key not in self._columns]
-        if self._sink is None or new:
-            self._columns += new
-            name = f"{self._files.port}.csv"
-            if self._sink is not None:
-                self._close_part()
-                self._part += 1
-                name = self._files.segment(self._part, "csv")
-                self._log.info("%s: new columns %s, continuing in %s", self._files.where, new, name)
-            header = [
-                *RESERVED_COLUMNS,
-                *(f"value_{c}" if c in RESERVED_COLUMNS else c for c in self._columns),
-            ]
-            self._sink = self._files.csv(name, "table", header)
-        self._sink.write_row([index, t_ns, *(_cell(row.get(c)) for c in self._columns)])
-
-    def flush(self) -> None:
-        if self._sink is not None:
-            self._sink.flush()
-
-    def close(self) -> list[FileRecord]:
-        self._close_part()
-        return list(self._records)
-
-    def _close_part(self) -> None:
-        if self._sink is not None:
-            record = self._sink.close()
-            self._sink = None
-            self._records.append(record)
-            self._closed_bytes += record.bytes
-
-
-class EventsWriter(StreamWriter):
-    """Events into `<port>.jsonl`, one `{"index":..,"t_ns":..,"value":..}` object a line."""
-
-    def __init__(self, files: PortFiles) -> None:
-        self._files = files
-        self._sink: FileSink | None = None
-
-    @property
-    def bytes_written(self) -> int:
-        return self._sink.bytes_written if self._sink else 0
-
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
-        text = _to_json(value, f"{self._files.where}: ")
-        if self._sink is None:
-            self._sink = self._files.sink(f"{self._files.port}.jsonl", "events")
-        self._sink.write(f'{{"index":{int(index)},"t_ns":{int(t_ns)},"value":{text}}}\n'.encode())
-
-    def flush(self) -> None:
-        if self._sink is not None:
-            self._sink.flush()
-
-    def close(self) -> list[FileRecord]:
-        return [self._sink.close()] if self._sink else []
 
 
 class _Item(NamedTuple):
@@ -371,7 +212,7 @@ class NodeRecorder:
         written = False
         if item.port not in self._failed_ports:
             try:
-                self._writer_for(item.port, _kind(item.value)).write(item.seq, item.t_ns, item.value, item.rate_hz)
+                self._writer_for(item.port, kind_of(item.value)).write(item.seq, item.t_ns, item.value, item.rate_hz)
                 written = True
             except Exception as err:  # the thread's boundary: every failure must reach record() and stop()
                 self._fail(item.port, err)
