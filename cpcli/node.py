@@ -15,6 +15,7 @@ __all__ = [
     "Clock",
     "CpError",
     "DeviceError",
+    "DeviceInfo",
     "Inputs",
     "Node",
     "NodeConfigError",
@@ -43,6 +44,23 @@ class Sample:
     t_ns: int | None = None
     rate_hz: float | None = None
     seq: int = -1
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A device a node type can open on this machine, as `cp devices` lists it.
+
+    Args:
+        kind: "camera", "microphone" or "speaker".
+        device: what to write in the recipe's `device:` param to open it.
+        name: a human-readable name.
+        details: what a user chooses settings by (resolution and rate, channels, sample rate).
+    """
+
+    kind: str
+    device: str
+    name: str
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 Inputs = Mapping[str, Sample]
@@ -95,6 +113,11 @@ class Node:
     outputs: ClassVar[tuple[str, ...]] = ("out",)
     input_count: ClassVar[int | None] = None
     rate_hz: float | None = None
+
+    @classmethod
+    def devices(cls) -> list[DeviceInfo]:
+        """The devices this node type can open here, for `cp devices` (quick: no long probing)."""
+        return []
 
     def setup(self, ctx: NodeContext) -> None:
         """Acquire devices and resources; called once in the node's own process."""
