@@ -80,6 +80,9 @@ class NodeContext:
         logger: writes to the node's log file in the session folder.
         worker: the name of the machine the node runs on.
         data_dir: the node's own folder in the session, for files a node writes itself.
+        info: facts a node reports about itself, JSON-able (a camera's actual resolution and
+            frame rate, a microphone's overflow count); the runtime shows them live and keeps
+            the last values in the manifest under the node's `info`.
     """
 
     node_id: str
@@ -87,6 +90,7 @@ class NodeContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("cpcli.node"))
     worker: str = "local"
     data_dir: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Node:

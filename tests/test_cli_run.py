@@ -143,3 +143,9 @@ def test_session_name_that_exists_is_refused(tmp_path: Path) -> None:
     result = cp("run", str(ROOT / "recipes" / "demo.yaml"), "--out", str(tmp_path / "s"), "--session", "taken")
     assert result.returncode == 1
     assert "already exists" in result.stderr and "--session" in result.stderr
+
+
+def test_bad_min_free_is_one_clear_line(tmp_path: Path) -> None:
+    result = cp("run", str(ROOT / "recipes" / "demo.yaml"), "--min-free", "lots", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "size 'lots'" in result.stderr and "1GiB" in result.stderr

@@ -192,3 +192,43 @@ def test_existing_session_name_is_refused_and_nothing_is_overwritten(registry: R
     with pytest.raises(ArchiveError, match="already exists"):
         run_session(recipe, registry, options, StopControl())
     assert (existing / "data.csv").read_text() == "precious"
+
+
+def test_recording_stops_cleanly_when_the_disk_gets_too_full(registry: Registry, tmp_path: Path) -> None:
+    import shutil
+
+    from cpcli.units import Size
+
+    free = shutil.disk_usage(tmp_path).free
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", registry)
+    margin = Size(bytes=free - 64 * 2**20)  # 64 MiB of room: the filler below takes it
+
+    def fill_the_disk(progress: Progress) -> None:
+        filler = tmp_path / "filler.bin"
+        if progress.phase == "running" and progress.elapsed_s > 0.5 and not filler.exists():
+            with open(filler, "wb") as fh:
+                fh.truncate(0)
+                fh.write(b"\0" * (128 * 2**20))
+                fh.flush()
+
+    options = RunOptions(out_dir=tmp_path / "sessions", duration_s=20, timing=FAST, worker="lab", min_free=margin)
+    result = run_session(recipe, registry, options, StopControl(), fill_the_disk)
+    assert result.error is not None and "almost full" in result.error
+    assert result.duration_s < 5
+    assert result.manifest["status"] == "failed" and result.manifest["error"] == result.error
+    for node in ("cam", "motion", "mic", "level"):
+        assert result.manifest["nodes"][node]["state"] == "done"
+        for entry in result.manifest["nodes"][node]["files"]:
+            assert (result.session_dir / entry["path"]).stat().st_size == entry["bytes"]
+    (tmp_path / "filler.bin").unlink()
+
+
+def test_a_recording_that_would_start_below_the_margin_is_refused(registry: Registry, tmp_path: Path) -> None:
+    from cpcli.errors import ArchiveError
+    from cpcli.units import Size
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", registry)
+    options = RunOptions(out_dir=tmp_path / "sessions", duration_s=1, min_free=Size(percent=100))
+    with pytest.raises(ArchiveError, match="recording needs at least"):
+        run_session(recipe, registry, options, StopControl())
+    assert not (tmp_path / "sessions").exists()

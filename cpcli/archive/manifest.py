@@ -22,12 +22,13 @@ def _write_json_atomically(path: Path, data: Any) -> None:
 
 
 def write_node_record(session_dir: Path, worker: str, node_id: str, stats: dict[str, Any],
-                      files: list[dict[str, Any]]) -> Path:
+                      files: list[dict[str, Any]], info: dict[str, Any] | None = None) -> Path:
     """Write `<worker>/<node>/node.json`: what a node recorded, written by the node itself."""
     node_dir = session_dir / worker / node_id
     node_dir.mkdir(parents=True, exist_ok=True)
     path = node_dir / NODE_RECORD
-    _write_json_atomically(path, {"node": node_id, "worker": worker, "stats": stats, "files": files})
+    _write_json_atomically(path, {"node": node_id, "worker": worker, "stats": stats, "files": files,
+                                  "info": info or {}})
     return path
 
 

@@ -5,23 +5,15 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from cpcli.durations import format_duration
 from cpcli.registry import Registry
 from cpcli.runtime.session import Progress, SessionResult
 from cpcli.runtime.supervisor import NodeState, NodeStatus
+from cpcli.units import format_bytes, format_duration
 
 _STATE_STYLE = {
     NodeState.RUNNING: "green", NodeState.READY: "cyan", NodeState.DONE: "green",
     NodeState.FAILED: "bold red", NodeState.STOPPING: "yellow",
 }
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 def _node_row(node: NodeStatus) -> list[str | Text]:

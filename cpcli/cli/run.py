@@ -15,11 +15,11 @@ from rich.live import Live
 
 from cpcli.cli.display import nodes_table, progress_view, summary_lines
 from cpcli.cli.output import err_console, out_console
-from cpcli.durations import parse_duration
 from cpcli.errors import RecipeError
 from cpcli.recipe import load_recipe
 from cpcli.registry import load_registry
 from cpcli.runtime.session import Progress, RunOptions, StopControl, run_session
+from cpcli.units import parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
 
@@ -72,13 +72,15 @@ def run_command(
     out: Path = typer.Option(Path("sessions"), "--out", "-o", help="Folder that holds session folders."),
     session: str = typer.Option(None, "--session", help="Session folder name (default: UTC time + recipe name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
+    min_free: str = typer.Option("1GiB", "--min-free", help="Stop recording cleanly below this free space: 1GiB, 2%."),
 ) -> int:
     """Run a recipe and record it; stops on Ctrl-C or after --duration."""
     duration_s = parse_duration(duration) if duration is not None else None
+    margin = parse_size(min_free)
     registry = load_registry()
     loaded = load_recipe(recipe, registry)
     stop, interrupted = StopControl(), [False]
-    options = RunOptions(out_dir=out, session_name=session, duration_s=duration_s)
+    options = RunOptions(out_dir=out, session_name=session, duration_s=duration_s, min_free=margin)
     live = Live(console=err_console, refresh_per_second=4, transient=True) if (
         err_console.is_terminal and not as_json) else None
     with _stop_on_signals(stop, interrupted):
@@ -89,7 +91,7 @@ def run_command(
             result = run_session(loaded, registry, options, stop, _Reporter(None, as_json))
     if as_json:
         out_console.print_json(json.dumps(_json_result(result.session_dir, result.manifest, result.failures,
-                                                       result.interrupted)))
+                                                       result.interrupted, result.error)))
     else:
         out_console.print(nodes_table(result.nodes))
         for line in summary_lines(result):
@@ -98,16 +100,19 @@ def run_command(
         err_console.print("[red]error:[/red] ", end="")
         err_console.print(f"node {node_id} failed: {message}; full traceback in "
                           f"{result.logs_dir / (node_id + '.log')}", markup=False)
-    if result.failures:
+    if result.error:
+        err_console.print("[red]error:[/red] ", end="")
+        err_console.print(result.error, markup=False)
+    if result.failures or result.error:
         return 1
     return EXIT_INTERRUPTED if interrupted[0] else 0
 
 
 def _json_result(session_dir: Path, manifest: dict[str, Any], failures: dict[str, str],
-                 interrupted: bool) -> dict[str, Any]:
+                 interrupted: bool, error: str | None) -> dict[str, Any]:
     return {"session_dir": str(session_dir), "manifest": str(session_dir / "manifest.json"),
-            "status": "interrupted" if interrupted and not failures else manifest.get("status"),
-            "duration_ns": manifest["duration_ns"], "failures": failures,
+            "status": "interrupted" if interrupted and not failures and not error else manifest.get("status"),
+            "duration_ns": manifest["duration_ns"], "failures": failures, "error": error,
             "nodes": {n: {"state": v["state"], "stats": v["stats"], "files": len(v["files"])}
                       for n, v in manifest["nodes"].items()}}
 

@@ -29,7 +29,20 @@ from cpcli.runtime.stats import LatencyMeter, NodeStats, RateMeter
 from cpcli.runtime.timing import Timing
 from cpcli.transport import shm
 from cpcli.transport.control import ControlClient
-from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.protocol import (
+    BOUND,
+    CONFIG,
+    CONNECT,
+    DONE,
+    ENDED,
+    ERROR,
+    HELLO,
+    READY,
+    START,
+    STATS,
+    STOP,
+    pack_object,
+)
 from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan, Subscriber
 
 IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
@@ -95,6 +108,7 @@ class Driver:
         self._rate = RateMeter()
         self._latency = LatencyMeter()
         self._config: dict[str, Any] = {}
+        self._node_context: NodeContext | None = None
         self._start_ns = 0
         self._first_in_ns: int | None = None
         self._first_out_ns: int | None = None
@@ -117,7 +131,8 @@ class Driver:
                 self._build()
                 phase = "setup"
                 assert self._node is not None
-                self._node.setup(self._context_for_node())
+                self._node_context = self._context_for_node()
+                self._node.setup(self._node_context)
                 self._set_up = True
                 self._connect(self._await(CONNECT, self._timing.ready_timeout_s))
                 self._await_subscribers()
@@ -287,7 +302,7 @@ class Driver:
                             self._inputs_release(key, sample)
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self._timing.stats_interval_s
-                self._control.send(STATS, {"stats": self.stats().to_dict()})
+                self._control.send(STATS, {"stats": self.stats().to_dict(), "info": self._info()})
 
     def _inputs_release(self, key: str, sample: Sample) -> None:
         self._by_key[key].release(sample)
@@ -345,6 +360,15 @@ class Driver:
             first_out_ns=self._first_out_ns,
         )
 
+    def _info(self) -> dict[str, Any]:
+        """What the node reported about itself, if it is plain data (else a note saying why not)."""
+        info = self._node_context.info if self._node_context is not None else {}
+        try:
+            pack_object(info)
+        except CpError as err:
+            return {"error": f"info is not plain data: {err.message}"}
+        return dict(info)
+
     def _dropped_in(self) -> dict[str, int]:
         """Lost samples per input; under `latest` a reused shared-memory slot is a skip, not a loss."""
         latest = self._inputs is not None and self._inputs.policy == "latest"
@@ -394,12 +418,13 @@ class Driver:
             try:
                 if self._recorder is not None:
                     write_node_record(Path(self._config["session_dir"]), self._config["worker"], self.node_id,
-                                      stats, files)
+                                      stats, files, self._info())
             except OSError as err:
                 failed = True
                 self._report_error("record", err)
             sent = {p: self._publisher.sent(p) for p in self._ports} if self._publisher else {}
-            self._control.send(DONE, {"stats": stats, "files": files, "failed": failed, "sent": sent})
+            self._control.send(DONE, {"stats": stats, "files": files, "failed": failed, "sent": sent,
+                                      "info": self._info()})
         if self._inputs is not None:
             self._inputs.clear()
         for sub in self._subscribers:

@@ -20,8 +20,10 @@ from cpcli.clock import Clock
 from cpcli.errors import CpError, PeerLostError
 from cpcli.recipe import Recipe
 from cpcli.registry import Registry
+from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
 from cpcli.runtime.supervisor import NodePlan, NodeState, NodeStatus, Supervisor
 from cpcli.runtime.timing import Timing
+from cpcli.units import Size
 
 PROGRESS_INTERVAL_S = 0.25  # how often the caller's progress callback runs
 RUN_POLL_MS = 50  # the session loop's longest sleep: bounds reaction to Ctrl-C and failures
@@ -44,6 +46,7 @@ class RunOptions:
     worker: str | None = None
     shared_memory: bool = True  # same-host payloads through shared memory (False: TCP for all)
     shm_threshold_bytes: int = 0  # arrays at least this large use shared memory; 0 = the default
+    min_free: Size = DEFAULT_MIN_FREE  # recording stops cleanly when the disk has less free space
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class SessionResult:
     interrupted: bool
     duration_s: float
     logs_dir: Path
+    error: str | None = None  # the session itself failed (e.g. the disk filled), not one node
 
 
 def local_worker_name() -> str:
@@ -89,87 +93,123 @@ def plan_nodes(recipe: Recipe, registry: Registry) -> list[NodePlan]:
 
 def run_session(recipe: Recipe, registry: Registry, options: RunOptions, stop: StopControl,
                 on_progress: Callable[[Progress], None] | None = None) -> SessionResult:
-    """Run a recipe on this machine until `duration_s`, a stop request, or a node failure.
+    """Run a recipe on this machine until `duration_s`, a stop request, a node failure or a full disk.
 
     Every exit path stops every node process and writes the manifest of what was recorded.
     """
-    now = datetime.now(timezone.utc)
-    name = options.session_name or default_session_name(recipe.name, now)
-    session_dir = create_session_dir(options.out_dir, name, exact=options.session_name is not None)
-    (session_dir / "recipe.yaml").write_text(recipe.text, encoding="utf-8")
-    worker = options.worker or local_worker_name()
-    clock = Clock()
-    log = logging.getLogger("cpcli.session")
-    events = EventLog(session_dir / "events.jsonl")
-    supervisor = Supervisor(plan_nodes(recipe, registry), session_dir, worker, options.timing, logger=log,
-                            shared_memory=options.shared_memory, shm_threshold_bytes=options.shm_threshold_bytes)
-    start_ns = clock.now_ns()
-    start_utc = now
-    stop_ns: int | None = None
-    began = False
-    launched = time.monotonic()
+    return _LocalSession(recipe, registry, options, stop, on_progress).run()
 
-    def report(phase: str) -> None:
-        if on_progress is not None:
-            elapsed = (clock.now_ns() - start_ns) / 1e9 if began else 0.0
-            on_progress(Progress(session_dir, phase, elapsed, supervisor.nodes))
 
-    try:
-        supervisor.start()
-        events.write(0, "session_starting", session=name, worker=worker)
-        next_progress = 0.0
-        ready_deadline = launched + options.timing.ready_timeout_s
-        while not supervisor.all_ready and not stop.requested.is_set() and not supervisor.failures:
-            if time.monotonic() > ready_deadline:
-                late = ", ".join(supervisor.not_ready())
-                raise PeerLostError(
-                    f"nodes not ready after {options.timing.ready_timeout_s:.0f} s: {late}",
-                    hint=f"see the node logs in {supervisor.logs_dir}")
-            supervisor.poll(RUN_POLL_MS)
-            if time.monotonic() >= next_progress:
-                next_progress = time.monotonic() + PROGRESS_INTERVAL_S
-                report("starting")
-        if supervisor.all_ready and not stop.requested.is_set():
-            start_ns, start_utc = clock.now_ns(), datetime.now(timezone.utc)
-            began = True
-            supervisor.begin(start_ns)
-            events.write(0, "session_started", start_utc=utc_stamp(start_utc))
-            deadline = None if options.duration_s is None else time.monotonic() + options.duration_s
-            while not stop.requested.is_set() and not supervisor.failures and not supervisor.all_finished:
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                supervisor.poll(RUN_POLL_MS)
-                if time.monotonic() >= next_progress:
-                    next_progress = time.monotonic() + PROGRESS_INTERVAL_S
-                    report("running")
-        stop_ns = clock.now_ns()
-        for node_id, message in supervisor.failures.items():
-            events.write(stop_ns - start_ns, "node_failed", node=node_id, error=message)
-        supervisor.stop()
-        report("stopping")
-        _drain(supervisor, options.timing, stop)
-    finally:
-        forced = supervisor.close()
-        end_ns = clock.now_ns()
-        duration_ns = max(0, (stop_ns or end_ns) - start_ns) if began else 0
+class _LocalSession:
+    """The phases of one session: start, wait for ready, record, stop, write the manifest."""
+
+    def __init__(self, recipe: Recipe, registry: Registry, options: RunOptions, stop: StopControl,
+                 on_progress: Callable[[Progress], None] | None) -> None:
+        self.recipe, self.options, self.stop_control = recipe, options, stop
+        self._on_progress = on_progress
+        self._disk = DiskGuard(options.out_dir, options.min_free)
+        self._disk.check_before_start()
+        self.started_utc = datetime.now(timezone.utc)
+        name = options.session_name or default_session_name(recipe.name, self.started_utc)
+        self.dir = create_session_dir(options.out_dir, name, exact=options.session_name is not None)
+        (self.dir / "recipe.yaml").write_text(recipe.text, encoding="utf-8")
+        self.worker = options.worker or local_worker_name()
+        self.clock = Clock()
+        self.events = EventLog(self.dir / "events.jsonl")
+        self.supervisor = Supervisor(plan_nodes(recipe, registry), self.dir, self.worker, options.timing,
+                                     logger=logging.getLogger("cpcli.session"),
+                                     shared_memory=options.shared_memory,
+                                     shm_threshold_bytes=options.shm_threshold_bytes)
+        self.start_ns = self.clock.now_ns()
+        self.stop_ns: int | None = None
+        self.began = False
+        self.error: str | None = None  # a failure of the session itself (not of one node)
+        self._next_progress = 0.0
+
+    def run(self) -> SessionResult:
+        try:
+            self.supervisor.start()
+            self.events.write(0, "session_starting", session=self.dir.name, worker=self.worker)
+            if self._await_ready():
+                self._record()
+            self.stop_ns = self.clock.now_ns()
+            self._log_failures()
+            self.supervisor.stop()
+            self._report("stopping")
+            self._drain()
+        finally:
+            manifest = self._finalize()
+        self._report("finished")
+        return SessionResult(self.dir, manifest, self.supervisor.nodes, self.supervisor.failures,
+                             interrupted=self.stop_control.requested.is_set(),
+                             duration_s=manifest["duration_ns"] / 1e9, logs_dir=self.supervisor.logs_dir,
+                             error=self.error)
+
+    def _await_ready(self) -> bool:
+        deadline = time.monotonic() + self.options.timing.ready_timeout_s
+        while not self.supervisor.all_ready:
+            if self.stop_control.requested.is_set() or self.supervisor.failures:
+                return False
+            if time.monotonic() > deadline:
+                late = ", ".join(self.supervisor.not_ready())
+                raise PeerLostError(f"nodes not ready after {self.options.timing.ready_timeout_s:.0f} s: {late}",
+                                    hint=f"see the node logs in {self.supervisor.logs_dir}")
+            self.supervisor.poll(RUN_POLL_MS)
+            self._report("starting", every=PROGRESS_INTERVAL_S)
+        return True
+
+    def _record(self) -> None:
+        self.start_ns, self.started_utc = self.clock.now_ns(), datetime.now(timezone.utc)
+        self.began = True
+        self.supervisor.begin(self.start_ns)
+        self.events.write(0, "session_started", start_utc=utc_stamp(self.started_utc))
+        deadline = None if self.options.duration_s is None else time.monotonic() + self.options.duration_s
+        while not self.stop_control.requested.is_set() and not self.supervisor.failures:
+            if self.supervisor.all_finished or (deadline is not None and time.monotonic() >= deadline):
+                return
+            self.error = self._disk.check()
+            if self.error:
+                return
+            self.supervisor.poll(RUN_POLL_MS)
+            self._report("running", every=PROGRESS_INTERVAL_S)
+
+    def _log_failures(self) -> None:
+        t_ns = (self.stop_ns or self.start_ns) - self.start_ns
+        for node_id, message in self.supervisor.failures.items():
+            self.events.write(t_ns, "node_failed", node=node_id, error=message)
+        if self.error:
+            self.events.write(t_ns, "session_failed", error=self.error)
+
+    def _drain(self) -> None:
+        """Wait for nodes to drain and close their files; a second Ctrl-C cuts it short."""
+        timing = self.options.timing
+        deadline = time.monotonic() + timing.drain_timeout_s + timing.exit_timeout_s
+        while not self.supervisor.all_finished and time.monotonic() < deadline:
+            if self.stop_control.forced.is_set():
+                return
+            self.supervisor.poll(RUN_POLL_MS)
+
+    def _finalize(self) -> dict[str, Any]:
+        forced = self.supervisor.close()
+        end_ns = self.clock.now_ns()
         for node_id in forced:
-            events.write(end_ns - start_ns, "node_terminated", node=node_id)
-        events.write(end_ns - start_ns, "session_stopped", recorded=began)
-        events.close()
-        manifest = _manifest(recipe, session_dir, worker, supervisor.nodes, start_utc, duration_ns,
-                             start_ns, supervisor.logs_dir)
-        write_manifest(session_dir, manifest)
-    report("finished")
-    return SessionResult(session_dir, manifest, supervisor.nodes, supervisor.failures,
-                         interrupted=stop.requested.is_set(), duration_s=duration_ns / 1e9,
-                         logs_dir=supervisor.logs_dir)
+            self.events.write(end_ns - self.start_ns, "node_terminated", node=node_id)
+        self.events.write(end_ns - self.start_ns, "session_stopped", recorded=self.began)
+        self.events.close()
+        duration_ns = max(0, (self.stop_ns or end_ns) - self.start_ns) if self.began else 0
+        manifest = _manifest(self.recipe, self.dir, self.worker, self.supervisor.nodes, self.started_utc,
+                             duration_ns, self.start_ns, self.supervisor.logs_dir)
+        if self.error:
+            manifest["status"], manifest["error"] = "failed", self.error
+        write_manifest(self.dir, manifest)
+        return manifest
 
-
-def _drain(supervisor: Supervisor, timing: Timing, stop: StopControl) -> None:
-    """Wait for nodes to drain and close their files; a second Ctrl-C cuts it short."""
-    deadline = time.monotonic() + timing.drain_timeout_s + timing.exit_timeout_s
-    while not supervisor.all_finished and time.monotonic() < deadline and not stop.forced.is_set():
-        supervisor.poll(RUN_POLL_MS)
+    def _report(self, phase: str, every: float = 0.0) -> None:
+        if self._on_progress is None or time.monotonic() < self._next_progress:
+            return
+        self._next_progress = time.monotonic() + every
+        elapsed = (self.clock.now_ns() - self.start_ns) / 1e9 if self.began else 0.0
+        self._on_progress(Progress(self.dir, phase, elapsed, self.supervisor.nodes))
 
 
 def _manifest(recipe: Recipe, session_dir: Path, worker: str, nodes: dict[str, NodeStatus],
@@ -197,7 +237,7 @@ def _manifest(recipe: Recipe, session_dir: Path, worker: str, nodes: dict[str, N
                 files, stats = list(own.get("files", [])), own.get("stats", stats)
         entry: dict[str, Any] = {"type": spec.type, "worker": worker, "params": dict(spec.params),
                                  "record": spec.record, "inputs": list(spec.inputs), "stats": stats,
-                                 "files": files, "state": node.state.value}
+                                 "files": files, "state": node.state.value, "info": dict(node.info)}
         if node.error:
             entry["error"] = node.error
         manifest["nodes"][spec.id] = entry

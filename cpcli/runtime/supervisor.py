@@ -60,6 +60,7 @@ class NodeStatus:
     stats: NodeStats = field(default_factory=NodeStats)
     files: tuple[dict[str, Any], ...] = ()
     error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -173,7 +174,7 @@ class Supervisor:
         elif command == READY:
             self._set(node_id, state=NodeState.READY)
         elif command == STATS:
-            self._set(node_id, stats=NodeStats.from_dict(body.get("stats", {})))
+            self._set(node_id, stats=NodeStats.from_dict(body.get("stats", {})), info=dict(body.get("info") or {}))
         elif command == ERROR:
             message = f"{body.get('message', 'failed')} (in {body.get('phase', '?')})"
             first = self._status[node_id].error
@@ -183,7 +184,7 @@ class Supervisor:
             status = self._status[node_id]
             state = NodeState.FAILED if status.error or body.get("failed") else NodeState.DONE
             self._set(node_id, state=state, stats=NodeStats.from_dict(body.get("stats", {})),
-                      files=tuple(body.get("files", ())))
+                      files=tuple(body.get("files", ())), info=dict(body.get("info") or {}))
             sent = body.get("sent")
             if isinstance(sent, dict):  # downstream nodes learn how many samples to wait for
                 for plan in self._plans.values():
