@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -47,6 +48,7 @@ from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryP
 
 IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
 MAX_STEPS_PER_TURN = 64  # steps before control and sockets get a look again (fairness)
+FREE_RUN_BURST_S = 0.002  # a source at rate 0 steps this long between control checks: less overhead
 _PR_SET_PDEATHSIG = 1
 
 
@@ -279,17 +281,27 @@ class Driver:
             if self._stop_requested and (is_source or self._inputs_finished() or now > self._stop_deadline):
                 return
             if is_source and not self._stop_requested:
-                timeout_ms = max(0, int((next_step - now) * 1000)) if period_s else 0
+                timeout_ms = max(0, math.ceil((next_step - now) * 1000)) if period_s else 0
             else:
                 timeout_ms = IDLE_POLL_MS if not self._stop_requested else 10
             self._poll_once(min(timeout_ms, IDLE_POLL_MS))
             self._publisher.handle_subscriptions()
             self._receive()
             if is_source and not self._stop_requested and time.monotonic() >= next_step:
-                self._step({}, frozenset())
-                next_step = next_step + period_s if period_s else time.monotonic()
-                if period_s and time.monotonic() - next_step > period_s:
-                    next_step = time.monotonic()  # fell behind: keep the grid, skip the lost slots
+                if period_s:
+                    self._step({}, frozenset())
+                    next_step += period_s
+                    if time.monotonic() - next_step > period_s:
+                        next_step = time.monotonic()  # fell behind: keep the grid, skip the lost slots
+                else:  # free-running: a burst of steps between looks at control and subscriptions
+                    burst_end = time.monotonic() + FREE_RUN_BURST_S
+                    while True:
+                        self._step({}, frozenset())
+                        if time.monotonic() >= burst_end:
+                            break
+                    if hasattr(os, "sched_yield"):
+                        os.sched_yield()  # let ZeroMQ's I/O threads move what we queued
+                    next_step = time.monotonic()
             for _ in range(MAX_STEPS_PER_TURN):
                 ready = self._inputs.take()
                 if ready is None:
@@ -309,7 +321,12 @@ class Driver:
 
     def _inputs_finished(self) -> bool:
         assert self._inputs is not None
-        return all(s.ended for s in self._subscribers) and not self._inputs.ready()
+        if self._inputs.ready():
+            return False
+        for sub in self._subscribers:
+            if self._inputs.has_room(sub.key):  # we read all we could, so an empty socket is the end
+                sub.settle()
+        return all(s.ended for s in self._subscribers)
 
     def _receive(self) -> None:
         assert self._inputs is not None

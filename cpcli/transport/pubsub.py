@@ -213,6 +213,12 @@ class Subscriber:
         if self._next_seq >= sent:
             self.ended = True
 
+    def settle(self) -> None:
+        """Once the publisher has finished, an input with nothing left in its socket has ended:
+        what never came was dropped on the way (counted by `count_unreceived`)."""
+        if self._final_seq is not None and not self.ended and not self._socket.poll(0):
+            self.ended = True
+
     def count_unreceived(self) -> int:
         """At the end: samples the publisher sent that never arrived here count as dropped."""
         if self._final_seq is None or self._next_seq >= self._final_seq:
