@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import struct
 import time
 from abc import abstractmethod
@@ -17,6 +19,7 @@ from cpcli.errors import ArchiveError
 DEFAULT_FPS = 30.0  # an MP4's frame rate before two frames have shown the real one
 VIDEO_FOURCCS = ("avc1", "mp4v")  # H.264 where this OpenCV build can encode it, else MPEG-4 part 2
 VIDEO_TIMESTAMPS = ("index", "t_ns", "segment", "frame_in_segment")
+PARTIAL_DIR = ".partial"  # video segments being written; moved out when closed (playable)
 AUDIO_TIMESTAMPS = ("index", "t_ns", "segment", "frame_offset", "frames")
 WAVE_PCM, WAVE_FLOAT = 1, 3  # WAVE format tags
 
@@ -119,9 +122,13 @@ class VideoSegments(_Segments):
         path, rel = self._files.path(name), self._files.rel(name)
         if path.exists():
             raise exists_error(rel)
+        # An MP4 is playable only once closed, so a segment is written under PARTIAL_DIR and moved
+        # into place when it closes: after a crash every .mp4 plays; the open one stays there.
+        partial = path.parent / PARTIAL_DIR / name
+        partial.parent.mkdir(exist_ok=True)
         fps, size = self._fps(rate_hz), (shape[1], shape[0])
         for fourcc in (self._fourcc,) if self._fourcc else VIDEO_FOURCCS:
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), fps, size, len(shape) == 3)
+            writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*fourcc), fps, size, len(shape) == 3)
             if writer.isOpened():
                 if self._fourcc is None:
                     self._log.info("%s: video as MP4 (%s)", self._files.where, fourcc)
@@ -129,7 +136,7 @@ class VideoSegments(_Segments):
                 break
             writer.release()
         else:
-            path.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise ArchiveError(
                 f"OpenCV could not open {rel} for writing ({size[0]}x{size[1]} at {fps:.3g} fps)",
                 hint="check the disk and that this OpenCV build can write MP4",
@@ -141,7 +148,11 @@ class VideoSegments(_Segments):
             writer, self._writer = self._writer, None
             writer.release()
             name = self._files.segment(self._number, "mp4")
-            self._keep(file_record(self._files.path(name), self._files.rel(name), "video"))
+            path = self._files.path(name)
+            os.replace(path.parent / PARTIAL_DIR / name, path)
+            with contextlib.suppress(OSError):
+                (path.parent / PARTIAL_DIR).rmdir()  # only when empty
+            self._keep(file_record(path, self._files.rel(name), "video"))
 
 
 def _wav_format(dtype: np.dtype[Any]) -> tuple[int, int, str]:
