@@ -25,7 +25,7 @@ from cpcli.archive.writer import NodeRecorder, RecordingError
 from cpcli.clock import Clock
 from cpcli.errors import CpError, PeerLostError
 from cpcli.node import Node, NodeContext, Sample
-from cpcli.runtime.inputs import InputSet
+from cpcli.runtime.intake import Intake
 from cpcli.runtime.stats import LatencyMeter, NodeStats, RateMeter
 from cpcli.runtime.timing import Timing
 from cpcli.transport import shm
@@ -44,7 +44,7 @@ from cpcli.transport.protocol import (
     STOP,
     pack_object,
 )
-from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan, Subscriber
+from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan
 
 IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
 MAX_STEPS_PER_TURN = 64  # steps before control and sockets get a look again (fairness)
@@ -99,8 +99,7 @@ class Driver:
         self._node: Node | None = None
         self._set_up = False
         self._publisher: Publisher | None = None
-        self._subscribers: list[Subscriber] = []
-        self._inputs: InputSet | None = None
+        self._intake: Intake | None = None
         self._recorder: NodeRecorder | None = None
         self._poller = zmq.Poller()
         self._poller.register(self._control.socket, zmq.POLLIN)
@@ -185,15 +184,9 @@ class Driver:
 
     def _connect(self, wiring: dict[str, Any]) -> None:
         node = self._config["node"]
-        for edge in wiring["inputs"]:
-            shared = edge.get("shm")
-            sub = Subscriber(self._context, edge["key"], edge["endpoint"], edge["topic"].encode(), self._log,
-                             None if not shared else (shared["prefix"], shared.get("reader")))
-            self._subscribers.append(sub)
+        self._intake = Intake(self._context, wiring["inputs"], node["sync"], node["tolerance_ms"], self._log)
+        for sub in self._intake.subscribers:
             self._poller.register(sub.socket, zmq.POLLIN)
-        self._by_key = {s.key: s for s in self._subscribers}
-        self._inputs = InputSet([s.key for s in self._subscribers], node["sync"], node["tolerance_ms"],
-                                on_release=self._inputs_release)
         self._expected_subscribers: dict[str, int] = wiring["subscribers"]
         plan = wiring.get("shared_memory")
         if plan and self._publisher is not None and self._config.get("shared_memory") and shm.available():
@@ -252,11 +245,8 @@ class Driver:
                 self.request_stop()
                 if before_start:
                     raise _Stopped
-            elif command == ENDED:
-                sent = body.get("sent", {})
-                for sub in self._subscribers:
-                    if sub.source == body.get("source") and sub.port in sent:
-                        sub.expect_end(int(sent[sub.port]))
+            elif command == ENDED and self._intake is not None:
+                self._intake.expect_end(str(body.get("source")), dict(body.get("sent") or {}))
             elif command == want:
                 found = body
         return found
@@ -270,15 +260,16 @@ class Driver:
                 self.request_stop()
 
     def _loop(self) -> None:
-        assert self._node is not None and self._inputs is not None and self._publisher is not None
-        is_source = not self._subscribers
+        assert self._node is not None and self._intake is not None and self._publisher is not None
+        intake = self._intake
+        is_source = not intake.subscribers
         rate = float(getattr(self._node, "rate_hz", 0) or 0)
         period_s = 1.0 / rate if rate > 0 else 0.0
         next_step = time.monotonic()
         next_stats = time.monotonic() + self._timing.stats_interval_s
         while True:
             now = time.monotonic()
-            if self._stop_requested and (is_source or self._inputs_finished() or now > self._stop_deadline):
+            if self._stop_requested and (is_source or intake.finished() or now > self._stop_deadline):
                 return
             if is_source and not self._stop_requested:
                 timeout_ms = max(0, math.ceil((next_step - now) * 1000)) if period_s else 0
@@ -286,7 +277,9 @@ class Driver:
                 timeout_ms = IDLE_POLL_MS if not self._stop_requested else 10
             self._poll_once(min(timeout_ms, IDLE_POLL_MS))
             self._publisher.handle_subscriptions()
-            self._receive()
+            intake.receive()
+            if self._first_in_ns is None and intake.received_any:
+                self._first_in_ns = self._clock.now_ns() - self._start_ns
             if is_source and not self._stop_requested and time.monotonic() >= next_step:
                 if period_s:
                     self._step({}, frozenset())
@@ -303,38 +296,16 @@ class Driver:
                         os.sched_yield()  # let ZeroMQ's I/O threads move what we queued
                     next_step = time.monotonic()
             for _ in range(MAX_STEPS_PER_TURN):
-                ready = self._inputs.take()
+                ready = intake.take()
                 if ready is None:
                     break
                 try:
                     self._step(*ready)
                 finally:
-                    if not self._inputs.keeps_stepped_samples:
-                        for key, sample in ready[0].items():
-                            self._inputs_release(key, sample)
+                    intake.done_with(ready[0])
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self._timing.stats_interval_s
                 self._control.send(STATS, {"stats": self.stats().to_dict(), "info": self._info()})
-
-    def _inputs_release(self, key: str, sample: Sample) -> None:
-        self._by_key[key].release(sample)
-
-    def _inputs_finished(self) -> bool:
-        assert self._inputs is not None
-        if self._inputs.ready():
-            return False
-        for sub in self._subscribers:
-            if self._inputs.has_room(sub.key):  # we read all we could, so an empty socket is the end
-                sub.settle()
-        return all(s.ended for s in self._subscribers)
-
-    def _receive(self) -> None:
-        assert self._inputs is not None
-        for sub in self._subscribers:
-            while self._inputs.has_room(sub.key) and (sample := sub.receive()) is not None:
-                if self._first_in_ns is None:
-                    self._first_in_ns = self._clock.now_ns() - self._start_ns
-                self._inputs.add(sub.key, sample)
 
     def _step(self, inputs: dict[str, Sample], fresh: frozenset[str]) -> None:
         assert self._node is not None and self._publisher is not None
@@ -362,11 +333,12 @@ class Driver:
 
     def stats(self) -> NodeStats:
         record = self._recorder.stats if self._recorder is not None else None
+        received, lost, skipped = self._intake.counts() if self._intake is not None else ({}, {}, {})
         return NodeStats(
             samples_out=sum(self._publisher.sent(p) for p in self._ports) if self._publisher else 0,
-            samples_in={s.key: s.received for s in self._subscribers},
-            dropped_in=self._dropped_in(),
-            skipped_in=self._skipped_in(),
+            samples_in=received,
+            dropped_in=lost,
+            skipped_in=skipped,
             rate_hz=self._rate.rate_hz,
             latency_ms=self._latency.percentiles_ms(),
             record_backlog=record.backlog if record else 0,
@@ -385,18 +357,6 @@ class Driver:
         except CpError as err:
             return {"error": f"info is not plain data: {err.message}"}
         return dict(info)
-
-    def _dropped_in(self) -> dict[str, int]:
-        """Lost samples per input; under `latest` a reused shared-memory slot is a skip, not a loss."""
-        latest = self._inputs is not None and self._inputs.policy == "latest"
-        return {s.key: s.dropped + (self._inputs.overflowed[s.key] if self._inputs else 0) + (0 if latest else s.stale)
-                for s in self._subscribers}
-
-    def _skipped_in(self) -> dict[str, int]:
-        if self._inputs is None:
-            return {}
-        latest = self._inputs.policy == "latest"
-        return {s.key: self._inputs.skipped[s.key] + (s.stale if latest else 0) for s in self._subscribers}
 
     def _report_error(self, phase: str, err: BaseException) -> None:
         message = err.message if isinstance(err, CpError) else f"{type(err).__name__}: {err}"
@@ -426,10 +386,8 @@ class Driver:
             except Exception as err:
                 failed = True
                 self._report_error("teardown", err)
-        for sub in self._subscribers:
-            tail = sub.count_unreceived()
-            self._log.info("input %s: received %d, lost on the way %d (%d at the end), stale %d",
-                           sub.key, sub.received, sub.dropped, tail, sub.stale)
+        if self._intake is not None:
+            self._intake.account_for_the_end()
         if self._config:
             stats = self.stats().to_dict()
             try:
@@ -442,10 +400,8 @@ class Driver:
             sent = {p: self._publisher.sent(p) for p in self._ports} if self._publisher else {}
             self._control.send(DONE, {"stats": stats, "files": files, "failed": failed, "sent": sent,
                                       "info": self._info()})
-        if self._inputs is not None:
-            self._inputs.clear()
-        for sub in self._subscribers:
-            sub.close()
+        if self._intake is not None:
+            self._intake.close()
         if self._publisher is not None:
             self._publisher.close()
         self._control.close()
