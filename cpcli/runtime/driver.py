@@ -359,7 +359,7 @@ class Driver:
         return dict(info)
 
     def _report_error(self, phase: str, err: BaseException) -> None:
-        message = err.message if isinstance(err, CpError) else f"{type(err).__name__}: {err}"
+        message = str(err) if isinstance(err, CpError) else f"{type(err).__name__}: {err}"  # with its hint
         self._log.error("node %s failed in %s: %s\n%s", self.node_id, phase, message,
                         "".join(traceback.format_exception(err)))
         self._control.send(ERROR, {"phase": phase, "message": message})
