@@ -7,8 +7,10 @@ import sys
 import traceback
 
 # Our subcommands, with how many positional arguments each takes: anything else goes to coreutils.
-SUBCOMMANDS = {"run": 1, "validate": 1, "nodes": 0}
+SUBCOMMANDS = {"run": 1, "validate": 1, "nodes": 0, "inspect": 1, "devices": 0}
 RECIPE_COMMANDS = frozenset({"run", "validate"})  # their positional argument is a .yaml recipe
+SESSION_COMMANDS = frozenset({"inspect"})  # their positional argument is a session folder
+SESSION_FILE_ENDINGS = (".csv", ".jsonl", ".mp4", ".wav", "node.json")  # what <worker>/<node>/ of a session holds
 TOP_OPTIONS = frozenset({"--help", "-h", "--version", "--install-completion", "--show-completion"})
 SYSTEM_CP = ("/usr/bin/cp", "/bin/cp")  # where coreutils (or BSD) cp lives on Linux and macOS
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -19,7 +21,7 @@ def is_ours(args: list[str]) -> bool:
 
     A subcommand name is ours unless a file of that name is here and the arguments after it
     do not fit the command (`cp run backup/` copies a file named `run`; `cp run demo.yaml`
-    still runs a recipe).
+    still runs a recipe; `cp inspect SESSION_DIR` inspects when SESSION_DIR is a session folder).
     """
     if not args:
         return True
@@ -33,7 +35,31 @@ def is_ours(args: list[str]) -> bool:
     positionals = [a for a in args[1:] if not a.startswith("-")]
     if len(positionals) > SUBCOMMANDS[first]:
         return False
-    return first not in RECIPE_COMMANDS or all(p.endswith((".yaml", ".yml")) for p in positionals)
+    if first in RECIPE_COMMANDS:
+        return all(p.endswith((".yaml", ".yml")) for p in positionals)
+    if first in SESSION_COMMANDS:
+        return all(looks_like_session(p) for p in positionals)
+    return True
+
+
+def looks_like_session(path: str) -> bool:
+    """A session folder: it has manifest.json, or `<worker>/<node>/` with recorded files (a killed `cp run`)."""
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return True
+    try:
+        with os.scandir(path) as workers:
+            for worker in workers:
+                if not worker.is_dir() or worker.name.startswith("."):
+                    continue
+                with os.scandir(worker.path) as nodes:
+                    for node in nodes:
+                        if node.is_dir():
+                            with os.scandir(node.path) as files:
+                                if any(f.name.endswith(SESSION_FILE_ENDINGS) for f in files):
+                                    return True
+    except OSError:
+        return False
+    return False
 
 
 def find_system_cp() -> str | None:

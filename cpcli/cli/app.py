@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cpcli import __version__
-from cpcli.cli import nodes, run
+from cpcli.cli import devices, inspect, nodes, run
 from cpcli.cli.output import out_console
 
 app = typer.Typer(
@@ -36,3 +36,5 @@ def root(
 app.command("run")(run.run_command)
 app.command("validate")(run.validate_command)
 app.command("nodes")(nodes.nodes_command)
+app.command("inspect")(inspect.inspect_command)
+app.command("devices")(devices.devices_command)
