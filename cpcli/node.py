@@ -82,7 +82,9 @@ class NodeContext:
         data_dir: the node's own folder in the session, for files a node writes itself.
         info: facts a node reports about itself, JSON-able (a camera's actual resolution and
             frame rate, a microphone's overflow count); the runtime shows them live and keeps
-            the last values in the manifest under the node's `info`.
+            the last values in the manifest under the node's `info`. `info["lost"]` counts
+            samples the node itself lost (device overflows, full queues): it adds to the node's
+            drops (`stats.source_lost`).
     """
 
     node_id: str

@@ -345,6 +345,7 @@ class Driver:
             record_dropped=record.dropped if record else 0,
             record_bytes=record.bytes if record else 0,
             dropped_out=self._publisher.pool_dropped if self._publisher else 0,
+            source_lost=self._source_lost(),
             first_in_ns=self._first_in_ns,
             first_out_ns=self._first_out_ns,
         )
@@ -357,6 +358,10 @@ class Driver:
         except CpError as err:
             return {"error": f"info is not plain data: {err.message}"}
         return dict(info)
+
+    def _source_lost(self) -> int:
+        lost = self._node_context.info.get("lost", 0) if self._node_context is not None else 0
+        return int(lost) if isinstance(lost, (int, float)) and not isinstance(lost, bool) else 0
 
     def _report_error(self, phase: str, err: BaseException) -> None:
         message = str(err) if isinstance(err, CpError) else f"{type(err).__name__}: {err}"  # with its hint

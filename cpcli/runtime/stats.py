@@ -25,6 +25,7 @@ class NodeStats:
     record_dropped: int = 0
     record_bytes: int = 0
     dropped_out: int = 0  # samples the node could not hand to same-host readers (pool full)
+    source_lost: int = 0  # samples the node itself lost (its `info["lost"]`: device overflows, full queues)
     first_in_ns: int | None = None  # session time of the first sample received (start-up latency)
     first_out_ns: int | None = None  # session time of the first sample sent
 
@@ -40,6 +41,7 @@ class NodeStats:
             "record_dropped": self.record_dropped,
             "record_bytes": self.record_bytes,
             "dropped_out": self.dropped_out,
+            "source_lost": self.source_lost,
             "first_in_ns": self.first_in_ns,
             "first_out_ns": self.first_out_ns,
         }
@@ -62,13 +64,14 @@ class NodeStats:
             record_dropped=int(data.get("record_dropped", 0)),
             record_bytes=int(data.get("record_bytes", 0)),
             dropped_out=int(data.get("dropped_out", 0)),
+            source_lost=int(data.get("source_lost", 0)),
             first_in_ns=None if data.get("first_in_ns") is None else int(data["first_in_ns"]),
             first_out_ns=None if data.get("first_out_ns") is None else int(data["first_out_ns"]),
         )
 
     @property
     def dropped_total(self) -> int:
-        return sum(self.dropped_in.values()) + self.record_dropped
+        return sum(self.dropped_in.values()) + self.record_dropped + self.dropped_out + self.source_lost
 
 
 class RateMeter:
