@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -266,7 +267,7 @@ class SlotReader:
             self.stale += 1
             return None
         generation, nbytes = _HEADER.unpack_from(segment.map, 0)
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # math.prod: np.prod costs ~0.2 ms per call here
         if generation < ref.generation and not remapped:  # the slot was replaced by a larger file
             _unlock(segment.fd)
             segment.close(unlink=False)
