@@ -110,6 +110,7 @@ class Driver:
         self._latency = LatencyMeter()
         self._config: dict[str, Any] = {}
         self._node_context: NodeContext | None = None
+        self._ready_sockets: dict[Any, int] = {}  # what the last poll found readable
         self._start_ns = 0
         self._first_in_ns: int | None = None
         self._first_out_ns: int | None = None
@@ -235,6 +236,7 @@ class Driver:
                    want: bytes | None = None) -> dict[str, Any] | None:
         """Poll control; return the body of `want` if it came. STOP before start ends the node."""
         events = dict(self._poller.poll(timeout_ms))
+        self._ready_sockets = events
         self._check_parent()
         if self._control.socket not in events:
             return None
@@ -276,8 +278,10 @@ class Driver:
             else:
                 timeout_ms = IDLE_POLL_MS if not self._stop_requested else 10
             self._poll_once(min(timeout_ms, IDLE_POLL_MS))
-            self._publisher.handle_subscriptions()
-            intake.receive()
+            if self._publisher.socket in self._ready_sockets:  # poll is level-triggered: nothing is missed
+                self._publisher.handle_subscriptions()
+            if self._ready_sockets:
+                intake.receive()
             if self._first_in_ns is None and intake.received_any:
                 self._first_in_ns = self._clock.now_ns() - self._start_ns
             if is_source and not self._stop_requested and time.monotonic() >= next_step:
