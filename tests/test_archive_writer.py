@@ -313,3 +313,15 @@ def test_kill_9_loses_at_most_the_last_second(tmp_path: Path) -> None:
     for path in sorted(node.glob("mic-*.wav")):  # even the open segment has a valid header
         with wave.open(str(path), "rb") as w:
             assert w.getnframes() * 2 == path.stat().st_size - 44
+
+
+def test_a_backlog_of_big_frames_is_bounded_by_bytes_and_counted(tmp_path: Path) -> None:
+    import numpy as np
+
+    recorder = NodeRecorder(tmp_path, "lab", "cam", start_ns=0, queue_max_bytes=3 * 640 * 480 * 3)
+    frame = np.zeros((480, 640, 3), dtype=np.uint8)
+    for i in range(40):  # the writer thread has not started: nothing leaves the queue
+        recorder.record("video", i, i * 33_000_000, frame, 30.0)
+    stats = recorder.stats
+    assert stats.backlog == 3 and stats.dropped == 37
+    recorder.stop()

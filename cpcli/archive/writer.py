@@ -19,6 +19,7 @@ from cpcli.errors import ArchiveError
 
 __all__ = ["FileRecord", "NodeRecorder", "RecorderStats", "RecordingError", "StreamWriter", "classify"]
 
+QUEUE_MAX_BYTES = 512 << 20  # a backlog of big frames is bounded by memory too (~85 frames of 1080p)
 DROP_LOG_INTERVAL_S = 1.0  # a full queue is logged at most this often, with the count since the last line
 MEDIA_KINDS = frozenset({"video", "audio"})  # they share `<port>.timestamps.csv`, so a port holds one of them
 
@@ -47,6 +48,7 @@ class _Item(NamedTuple):
     t_ns: int  # on the session timeline
     value: Any
     rate_hz: float | None
+    nbytes: int  # what the queued value holds in memory (arrays), for the byte bound
 
 
 class NodeRecorder:
@@ -67,6 +69,7 @@ class NodeRecorder:
         *,
         start_ns: int,
         queue_size: int = 256,
+        queue_max_bytes: int = QUEUE_MAX_BYTES,
         flush_interval_s: float = 1.0,
         video_segment_s: float = 1.0,
         logger: logging.Logger | None = None,
@@ -85,6 +88,7 @@ class NodeRecorder:
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()  # guards the counters and `_closing`
         self._backlog = self._written = self._dropped = self._bytes = 0
+        self._queue_max_bytes, self._queued_bytes = queue_max_bytes, 0
         self._unlogged_drops, self._drop_logged_s = 0, -DROP_LOG_INTERVAL_S
         self._closing = False
         self._sentinel_sent = False
@@ -117,12 +121,15 @@ class NodeRecorder:
         error = self._error
         if error is not None:
             raise ArchiveError(error.message, error.hint) from error
-        item = _Item(port, index, t_ns - self._start_ns, value, rate_hz)
+        nbytes = int(getattr(value, "nbytes", 0))
+        item = _Item(port, index, t_ns - self._start_ns, value, rate_hz, nbytes)
         with self._lock:
-            if not self._closing:
+            fits = self._backlog == 0 or self._queued_bytes + nbytes <= self._queue_max_bytes
+            if not self._closing and fits:
                 try:
                     self._queue.put_nowait(item)
                     self._backlog += 1
+                    self._queued_bytes += nbytes
                     return
                 except queue.Full:
                     pass
@@ -219,6 +226,7 @@ class NodeRecorder:
         total = sum(w.bytes_written for w in self._writers.values())
         with self._lock:
             self._backlog -= 1
+            self._queued_bytes -= item.nbytes
             self._bytes = total
             if written:
                 self._written += 1
