@@ -146,6 +146,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def begin_run(busy_warning_pct: float = 15.0) -> float:
+    """Make SIGTERM clean up like Ctrl-C, and say when the machine is already busy; returns how busy."""
+    terminate_on_sigterm()
+    busy = background_busy()
+    if busy > busy_warning_pct:
+        log(f"warning: the machine is {busy:.0f}% busy before we start: results will be noisy")
+    return busy
+
+
 def terminate_on_sigterm() -> None:
     """SIGTERM raises SystemExit in the main thread, so `finally` blocks clean up."""
     def handler(signum: int, _frame: object) -> None:

@@ -415,12 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("durations in (0, 60] s, --repeat in 1..10")
     if os.geteuid() != 0:
         parser.error("needs root to create network namespaces (ip netns add)")
-    from throughput import code_version, machine
+    from throughput import code_version, machine, provenance
 
-    c.terminate_on_sigterm()
-    busy = c.background_busy()
-    if busy > 15:
-        c.log(f"warning: the machine is {busy:.0f}% busy before we start: results will be noisy")
+    busy = c.begin_run()
     code = code_version()
     results = Results()
     lab = c.Netns("x")
@@ -448,11 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                                    for k, v in results.runs.items()},
                           "loads": results.loads, "targets": targets(results)}, indent=2))
         return 0
-    print(f"machine: {info['nproc']} cpu, {info['cpu']}, Python {info['python']}, pyzmq {info['pyzmq']}, "
-          f"libzmq {info['libzmq']}; {busy:.0f}% busy before the run")
-    print(f"code: {code['path']} commit {code['commit']}"
-          f"{' + uncommitted runtime changes' if code['runtime_modified'] else ''}, cpcli+nodes sources sha256 "
-          f"{code['sources_sha256']}{' (CHANGED DURING THE RUN)' if code['changed_during_run'] else ''}")
+    print(provenance(info, busy, code))
     print(render(results, args))
     print(c.describe_load("whole run", total))
     print(cleanup)

@@ -34,7 +34,7 @@ from typing import Any
 
 import _common as c
 import psutil
-from throughput import code_version, machine
+from throughput import code_version, machine, provenance
 
 from cpcli.recipe import parse_recipe
 from cpcli.registry import load_registry
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds: choose from {', '.join(KINDS)}")
     if not 0 < window <= 120 or not 1 <= args.repeat <= 5:
         parser.error("--window in (0, 120], --repeat in 1..5")
-    c.terminate_on_sigterm()
-    busy = c.background_busy()
-    if busy > 15:
-        c.log(f"warning: the machine is {busy:.0f}% busy before we start: results will be noisy")
+    busy = c.begin_run()
     code = code_version()
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -223,11 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"machine": info, "code": code, "busy_before_pct": busy, "elapsed_s": elapsed,
                           "window_s": window, "runs": runs, "summary": summary}, indent=2))
         return 0
-    print(f"machine: {info['nproc']} cpu, {info['cpu']}, Python {info['python']}, pyzmq {info['pyzmq']}, "
-          f"libzmq {info['libzmq']}; {busy:.0f}% busy before the run")
-    print(f"code: {code['path']} commit {code['commit']}"
-          f"{' + uncommitted runtime changes' if code['runtime_modified'] else ''}, cpcli+nodes sources sha256 "
-          f"{code['sources_sha256']}{' (CHANGED DURING THE RUN)' if code['changed_during_run'] else ''}")
+    print(provenance(info, busy, code))
     print(f"{CAMERAS} x test_video {WIDTH}x{HEIGHT}@{RATE_HZ} (precomputed frames), {CONSUMERS} consumers each "
           f"(sync: latest), {runs[0]['window_s']:.0f} s windows; CPU = user+sys of the "
           f"{CAMERAS * (CONSUMERS + 1)} node processes; frames = frames received by consumers; "

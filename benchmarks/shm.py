@@ -52,7 +52,7 @@ from typing import Any
 import _common as c
 import numpy as np
 import psutil
-from throughput import code_version, machine, precomputed_frames, run_ours, run_raw
+from throughput import code_version, machine, precomputed_frames, provenance, run_ours, run_raw
 
 SIZES = {"1080p": (1920, 1080), "640x480": (640, 480)}
 HOP_SIZE = "16x16"  # tiny frames at 30 fps: what the hand-off alone costs (ring: a pipe; raw pyzmq: a TCP hop)
@@ -552,10 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("durations must be in (0, 60] seconds")
     if not 1 <= args.repeat <= 10:
         parser.error("--repeat must be in 1..10")
-    c.terminate_on_sigterm()
-    busy = c.background_busy()
-    if busy > 15:
-        c.log(f"warning: the machine is {busy:.0f}% busy before we start: results will be noisy")
+    busy = c.begin_run()
     code = code_version()
     results = Results()
     dora: Dora | None = None
@@ -594,11 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                                       for s, d in results.latency.items()},
                           "loads": results.loads, "targets": targets(results)}, indent=2))
         return 0
-    print(f"machine: {info['nproc']} cpu, {info['cpu']}, Python {info['python']}, pyzmq {info['pyzmq']}, "
-          f"libzmq {info['libzmq']}; {busy:.0f}% busy before the run")
-    print(f"code: {code['path']} commit {code['commit']}"
-          f"{' + uncommitted runtime changes' if code['runtime_modified'] else ''}, cpcli+nodes sources sha256 "
-          f"{code['sources_sha256']}{' (CHANGED DURING THE RUN)' if code['changed_during_run'] else ''}")
+    print(provenance(info, busy, code))
     print(render(results, args))
     print(c.describe_load("whole run", total))
     print(f"\n(total {elapsed:.0f} s)")

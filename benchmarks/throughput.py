@@ -446,6 +446,15 @@ def code_version() -> dict[str, Any]:
             "sources_sha256": digest.hexdigest()[:12]}
 
 
+def provenance(info: dict[str, Any], busy: float, code: dict[str, Any]) -> str:
+    """The two lines every benchmark prints first: the machine, and exactly which code it measured."""
+    return (f"machine: {info['nproc']} cpu, {info['cpu']}, Python {info['python']}, pyzmq {info['pyzmq']}, "
+            f"libzmq {info['libzmq']}; {busy:.0f}% busy before the run\n"
+            f"code: {code['path']} commit {code['commit']}"
+            f"{' + uncommitted runtime changes' if code['runtime_modified'] else ''}, cpcli+nodes sources sha256 "
+            f"{code['sources_sha256']}{' (CHANGED DURING THE RUN)' if code.get('changed_during_run') else ''}")
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -493,12 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                           "background_busy_pct": busy, "elapsed_s": elapsed,
                           "cases": [c.to_dict() for c in cases], "targets": targets(cases)}, indent=2))
     else:
-        print(f"machine: {info['nproc']} cpu, {info['cpu']}, Python {info['python']}, "
-              f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}; {busy:.0f}% busy before the run")
-        print(f"code: {code['path']} commit {code['commit']}"
-              f"{' + uncommitted runtime changes' if code['runtime_modified'] else ''}, "
-              f"cpcli+nodes sources sha256 {code['sources_sha256']}"
-              f"{' (CHANGED DURING THE RUN)' if code['changed_during_run'] else ''}")
+        print(provenance(info, busy, code))
         print(render(cases, duration_s, args.repeat))
         print(f"\n(total {elapsed:.0f} s)")
     return 0
