@@ -53,19 +53,26 @@ def exists_error(rel: str) -> ArchiveError:
     return ArchiveError(f"{rel} already exists; a recording is never overwritten", hint="use a new session folder")
 
 
-def file_record(path: Path, rel: str, kind: str) -> FileRecord:
-    """Read a finished file once for its sha256 and size, and fsync it on the way."""
+def sha256_file(path: Path, fsync: bool = False) -> tuple[int, str]:
+    """A file's size and sha256, read once in chunks (and fsynced on the way if asked)."""
     digest = hashlib.sha256()
     size = 0
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        if fsync:
             os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+def file_record(path: Path, rel: str, kind: str) -> FileRecord:
+    """Read a finished file once for its sha256 and size, and fsync it on the way."""
+    try:
+        size, sha256 = sha256_file(path, fsync=True)
     except OSError as err:
         raise ArchiveError(f"cannot read back {rel} ({err.strerror})") from err
-    return FileRecord(rel, kind, size, digest.hexdigest())
+    return FileRecord(rel, kind, size, sha256)
 
 
 class FileSink:

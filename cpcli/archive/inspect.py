@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cpcli.archive.files import HASH_CHUNK_BYTES
 from cpcli.archive.mediacheck import (
     CLIP_CHUNK_SAMPLES,
     CLIP_LEVEL,
@@ -28,7 +29,6 @@ from cpcli.archive.report import (
 )
 from cpcli.archive.streamcheck import (
     GAP_PERIODS,
-    HASH_CHUNK_BYTES,
     NOMINAL_KEYS,
     RATE_MIN_SAMPLES,
     RATE_TOLERANCE,

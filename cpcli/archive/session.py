@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -13,7 +12,6 @@ from typing import Any
 from cpcli.errors import ArchiveError
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name on every OS
-HASH_CHUNK_BYTES = 1 << 20
 
 
 def utc_stamp(moment: datetime) -> str:
@@ -51,18 +49,6 @@ def create_session_dir(out_dir: Path, name: str, *, exact: bool) -> Path:
         except OSError as err:
             raise ArchiveError(f"cannot create session folder {candidate} ({err.strerror})") from err
     raise ArchiveError(f"too many sessions named {name} in {out_dir}")
-
-
-def file_record(session_dir: Path, path: Path, kind: str) -> dict[str, Any]:
-    """A manifest entry for a file: relative path, kind, bytes and sha256."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"path": path.relative_to(session_dir).as_posix(), "kind": kind, "bytes": size,
-            "sha256": digest.hexdigest()}
 
 
 class EventLog:

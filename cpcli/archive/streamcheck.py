@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cpcli.archive.files import sha256_file
 from cpcli.archive.media import PARTIAL_DIR
 from cpcli.archive.mediacheck import check_audio, check_video
 from cpcli.archive.report import FileCheck, Findings, Gaps, StreamReport
@@ -19,16 +19,7 @@ from cpcli.archive.streams import RecordedNode, RecordedStream
 GAP_PERIODS = 2.0  # an interval longer than this many median intervals is a gap
 RATE_TOLERANCE = 0.10  # a measured rate this far (relative) from the nominal one earns a warning
 RATE_MIN_SAMPLES = 10  # fewer samples say nothing about a rate
-HASH_CHUNK_BYTES = 1 << 20
 NOMINAL_KEYS = {"video": ("fps", "rate_hz"), "audio": ("samplerate",), "table": ("rate_hz",), "events": ("rate_hz",)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_file(root: Path, rel: str, kind: str, entry: dict[str, Any] | None, has_manifest: bool, where: str,
@@ -49,7 +40,7 @@ def check_file(root: Path, rel: str, kind: str, entry: dict[str, Any] | None, ha
         findings.problem(where, f"{rel} has {size} bytes, {source} says {want}")
         return FileCheck(rel, kind, "size mismatch", size, want)
     try:
-        digest = _sha256(path)
+        digest = sha256_file(path)[1]
     except OSError as err:
         findings.problem(where, f"{rel} cannot be read ({err.strerror})")
         return FileCheck(rel, kind, "missing", size, want)

@@ -8,16 +8,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cpcli import __version__
+from cpcli.archive.files import file_record
 from cpcli.archive.manifest import read_node_record, write_manifest
-from cpcli.archive.session import EventLog, create_session_dir, default_session_name, file_record, utc_stamp
+from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
 from cpcli.clock import Clock
-from cpcli.errors import CpError, PeerLostError
+from cpcli.errors import PeerLostError
 from cpcli.recipe import Recipe
 from cpcli.registry import Registry
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
@@ -245,10 +246,7 @@ def _manifest(recipe: Recipe, session_dir: Path, worker: str, nodes: dict[str, N
     extras += [(p, "log") for p in sorted(logs_dir.glob("*.log"))]
     for path, kind in extras:
         if path.exists():
-            try:
-                manifest["files"].append(file_record(session_dir, path, kind))
-            except OSError as err:
-                raise CpError(f"cannot read {path} for the manifest ({err.strerror})") from err
+            manifest["files"].append(asdict(file_record(path, path.relative_to(session_dir).as_posix(), kind)))
     if any(s.state == NodeState.FAILED for s in nodes.values()):
         manifest["status"] = "failed"
     return manifest
