@@ -6,8 +6,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cpcli.registry import Registry
+from cpcli.runtime.plan import NodeState, NodeStatus
 from cpcli.runtime.session import Progress, SessionResult
-from cpcli.runtime.supervisor import NodeState, NodeStatus
 from cpcli.units import format_bytes, format_duration
 
 _STATE_STYLE = {

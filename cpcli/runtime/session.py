@@ -22,7 +22,8 @@ from cpcli.errors import PeerLostError
 from cpcli.recipe import Recipe
 from cpcli.registry import Registry
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
-from cpcli.runtime.supervisor import NodePlan, NodeState, NodeStatus, Supervisor
+from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
+from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
 from cpcli.units import Size
 

@@ -9,58 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
+from cpcli.runtime.wiring import Bound, wiring
 from cpcli.transport import shm
 from cpcli.transport.control import ControlServer
 from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
-from cpcli.transport.pubsub import topic_for
-
-
-class NodeState(str, Enum):
-    STARTING = "starting"  # process spawned, not yet built
-    BOUND = "bound"  # built, publisher bound, setting up
-    READY = "ready"  # set up and wired; waiting for the session to start
-    RUNNING = "running"
-    STOPPING = "stopping"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    """What one host needs to run one node of a recipe."""
-
-    id: str
-    type: str
-    entry_point: str  # "module:Class" of the node type installed here
-    params: dict[str, Any]
-    record: bool
-    sync: str
-    tolerance_ms: float
-    inputs: tuple[tuple[str, str, str], ...]  # (key, upstream node id, upstream port)
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """What the supervisor knows of one node, for progress displays and the manifest."""
-
-    id: str
-    type: str
-    state: NodeState
-    pid: int | None = None
-    stats: NodeStats = field(default_factory=NodeStats)
-    files: tuple[dict[str, Any], ...] = ()
-    error: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -68,7 +29,10 @@ class Supervisor:
 
     def __init__(self, plans: list[NodePlan], session_dir: Path, worker: str, timing: Timing,
                  host: str = "127.0.0.1", logger: logging.Logger | None = None, *,
-                 shared_memory: bool = True, shm_threshold_bytes: int = 0) -> None:
+                 shared_memory: bool = True, shm_threshold_bytes: int = 0, external_wiring: bool = False) -> None:
+        """`host`: where node publishers listen (this worker's interface in a cluster; node control
+        always stays on loopback). `external_wiring`: the nodes' upstreams live on other workers too,
+        so the caller wires them (`bound`, then `connect`) instead of this supervisor."""
         self._plans = {p.id: p for p in plans}
         self._session_dir = session_dir
         self._worker = worker
@@ -76,11 +40,12 @@ class Supervisor:
         self._host = host
         self._log = logger or logging.getLogger("cpcli.supervisor")
         self._context: zmq.Context[Any] = zmq.Context()
-        self._server = ControlServer(self._context, host, self._log)
+        self._server = ControlServer(self._context, "127.0.0.1", self._log)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._status = {p.id: NodeStatus(p.id, p.type, NodeState.STARTING) for p in plans}
-        self._endpoints: dict[str, str] = {}
-        self._shm_prefixes: dict[str, str | None] = {}
+        self._bound: dict[str, Bound] = {}
+        self._external_wiring = external_wiring
+        self.ended: list[tuple[str, dict[str, Any]]] = []  # (node, samples sent per port), for the caller
         self._shared_memory = shared_memory
         self._shm_threshold_bytes = shm_threshold_bytes
         self._session_tag = hashlib.sha256(str(session_dir).encode()).hexdigest()[:8]
@@ -104,7 +69,7 @@ class Supervisor:
                      "--node", node_id, "--parent", str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 )
-            self._set(node_id, pid=self._procs[node_id].pid)
+            self._set(node_id, pid=self._procs[node_id].pid, worker=self._worker)
 
     def log_path(self, node_id: str) -> Path:
         return self.logs_dir / f"{node_id}.log"
@@ -167,8 +132,8 @@ class Supervisor:
         if command == HELLO:
             self._server.send(node_id, CONFIG, self._config_for(plan))
         elif command == BOUND:
-            self._endpoints[node_id] = str(body["endpoint"])
-            self._shm_prefixes[node_id] = body.get("shm_prefix")
+            prefix = body.get("shm_prefix")
+            self._bound[node_id] = Bound(self._worker, str(body["endpoint"]), str(prefix) if prefix else None)
             self._set(node_id, state=NodeState.BOUND)
             self._wire_when_bound()
         elif command == READY:
@@ -187,9 +152,14 @@ class Supervisor:
                       files=tuple(body.get("files", ())), info=dict(body.get("info") or {}))
             sent = body.get("sent")
             if isinstance(sent, dict):  # downstream nodes learn how many samples to wait for
-                for plan in self._plans.values():
-                    if any(source == node_id for _, source, _ in plan.inputs) and self._alive(plan.id):
-                        self._server.send(plan.id, ENDED, {"source": node_id, "sent": sent})
+                self.deliver_ended(node_id, sent)
+                self.ended.append((node_id, sent))
+
+    def deliver_ended(self, source: str, sent: dict[str, Any]) -> None:
+        """Tell this host's nodes fed by `source` how many samples it sent on each port."""
+        for plan in self._plans.values():
+            if any(upstream == source for _, upstream, _ in plan.inputs) and self._alive(plan.id):
+                self._server.send(plan.id, ENDED, {"source": source, "sent": sent})
 
     def _config_for(self, plan: NodePlan) -> dict[str, Any]:
         return {
@@ -205,35 +175,27 @@ class Supervisor:
             "shm_threshold_bytes": self._shm_threshold_bytes,
         }
 
-    def _wire_when_bound(self) -> None:
-        """Once every publisher is bound, tell each node whom to subscribe to."""
-        if self._wired or len(self._endpoints) < len(self._plans):
-            return
+    @property
+    def bound(self) -> dict[str, Bound]:
+        """Where each node's publisher listens, once it is built."""
+        return dict(self._bound)
+
+    @property
+    def all_bound(self) -> bool:
+        return len(self._bound) == len(self._plans)
+
+    def connect(self, bodies: dict[str, dict[str, Any]]) -> None:
+        """Send each node its wiring (what `wiring()` computed); nodes then subscribe and set up."""
+        for node_id, body in bodies.items():
+            if node_id in self._plans:
+                self._server.send(node_id, CONNECT, body)
         self._wired = True
-        subscribers: dict[str, dict[str, int]] = {n: {} for n in self._plans}
-        all_readers: dict[str, list[int]] = {n: [] for n in self._plans}
-        local_readers = dict.fromkeys(self._plans, 0)
-        inputs: dict[str, list[dict[str, Any]]] = {n: [] for n in self._plans}
-        for plan in self._plans.values():
-            for key, source, port in plan.inputs:
-                subscribers[source][port] = subscribers[source].get(port, 0) + 1
-                edge: dict[str, Any] = {"key": key, "endpoint": self._endpoints[source],
-                                        "topic": topic_for(source, port).decode()}
-                prefix = self._shm_prefixes.get(source)
-                if prefix:  # same host: large payloads through the publisher's shared memory
-                    local_readers[source] += 1
-                    reader = None
-                    if plan.sync == "all":  # never reclaim what this reader has not read: backpressure
-                        reader = len(all_readers[source])
-                        all_readers[source].append(reader)
-                    edge["shm"] = {"prefix": prefix, "reader": reader}
-                inputs[plan.id].append(edge)
-        for plan in self._plans.values():
-            body: dict[str, Any] = {"inputs": inputs[plan.id], "subscribers": subscribers[plan.id]}
-            if self._shm_prefixes.get(plan.id) and local_readers[plan.id]:
-                body["shared_memory"] = {"local_readers": local_readers[plan.id],
-                                         "all_readers": all_readers[plan.id]}
-            self._server.send(plan.id, CONNECT, body)
+
+    def _wire_when_bound(self) -> None:
+        """Once every publisher is bound, tell each node whom to subscribe to (one host only)."""
+        if self._wired or self._external_wiring or not self.all_bound:
+            return
+        self.connect(wiring(self._plans, self._bound))
 
     def _check_exit(self, node_id: str) -> None:
         proc = self._procs.get(node_id)
