@@ -26,7 +26,8 @@ SYNC_POLICIES = ("latest", "all", "aligned")
 DEFAULT_TOLERANCE_MS = 20.0  # one frame period at 50 fps: samples this close show the same moment
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # the name is part of the session folder name
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]*")  # ids become archive folder names and `<id>/<port>` topics
-TOP_KEYS = ("name", "description", "nodes")
+TOP_KEYS = ("name", "description", "on_worker_lost", "nodes")
+ON_WORKER_LOST = ("continue", "stop")  # a cluster session whose worker is lost: go on without it, or end
 NODE_KEYS = ("type", "worker", "params", "record", "inputs", "sync", "tolerance_ms")
 _BAD: Any = object()  # a value that could not be read; its problem is already recorded
 
@@ -67,6 +68,7 @@ class Checker:
         self.problems: list[tuple[int, str]] = []
         self.name = ""
         self.description = ""
+        self.on_worker_lost = "continue"
         self.drafts: list[Draft] = []
         self.edges: list[tuple[str, str, str, str]] = []  # (source, port, target, key)
 
@@ -101,6 +103,13 @@ class Checker:
             if key_text(key) not in TOP_KEYS:
                 self.unknown_key(key, "", TOP_KEYS)
         self.check_name(given.get("name"))
+        if "on_worker_lost" in given:
+            policy = self.value(given["on_worker_lost"][1])
+            if policy in ON_WORKER_LOST:
+                self.on_worker_lost = str(policy)
+            elif policy is not _BAD:
+                self.add(line_of(given["on_worker_lost"][1]),
+                         f"on_worker_lost must be {' or '.join(ON_WORKER_LOST)}, got {show(policy)}")
         if "description" in given:
             description = self.value(given["description"][1])
             if isinstance(description, str) or description is None:

@@ -80,6 +80,7 @@ class Recipe:
     edges: tuple[Edge, ...]
     source: str = "<recipe>"
     text: str = ""
+    on_worker_lost: str = "continue"  # a cluster session whose worker is lost: "continue" or "stop"
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id.
@@ -111,7 +112,7 @@ def _recipe(checker: Checker, text: str, source: str) -> Recipe:
         for d in checker.drafts
     )
     edges = tuple(Edge(*edge) for edge in checker.edges)
-    return Recipe(checker.name, checker.description, specs, edges, source, text)
+    return Recipe(checker.name, checker.description, specs, edges, source, text, checker.on_worker_lost)
 
 
 def parse_recipe(text: str, registry: Registry, source: str = "<recipe>") -> Recipe:

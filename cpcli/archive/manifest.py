@@ -10,7 +10,7 @@ from typing import Any
 NODE_RECORD = "node.json"  # beside a node's files: survives the loss of the process that ran the session
 
 
-def _write_json_atomically(path: Path, data: Any) -> None:
+def write_json_atomically(path: Path, data: Any) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a JSON file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -27,7 +27,7 @@ def write_node_record(session_dir: Path, worker: str, node_id: str, stats: dict[
     node_dir = session_dir / worker / node_id
     node_dir.mkdir(parents=True, exist_ok=True)
     path = node_dir / NODE_RECORD
-    _write_json_atomically(path, {"node": node_id, "worker": worker, "stats": stats, "files": files,
+    write_json_atomically(path, {"node": node_id, "worker": worker, "stats": stats, "files": files,
                                   "info": info or {}})
     return path
 
@@ -44,5 +44,5 @@ def read_node_record(session_dir: Path, worker: str, node_id: str) -> dict[str, 
 
 def write_manifest(session_dir: Path, manifest: dict[str, Any]) -> Path:
     path = session_dir / "manifest.json"
-    _write_json_atomically(path, manifest)
+    write_json_atomically(path, manifest)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cpcli import __version__
-from cpcli.cli import devices, inspect, nodes, run
+from cpcli.cli import cluster, devices, inspect, nodes, run
 from cpcli.cli.output import out_console
 
 app = typer.Typer(
@@ -38,3 +38,6 @@ app.command("validate")(run.validate_command)
 app.command("nodes")(nodes.nodes_command)
 app.command("inspect")(inspect.inspect_command)
 app.command("devices")(devices.devices_command)
+app.command("manager")(cluster.manager_command)
+app.command("worker")(cluster.worker_command)
+app.command("status")(cluster.status_command)

@@ -13,12 +13,15 @@ from typing import Any
 import typer
 from rich.live import Live
 
+from cpcli.cli.cluster import timing_from_env
 from cpcli.cli.display import nodes_table, progress_view, summary_lines
 from cpcli.cli.output import err_console, out_console
-from cpcli.errors import RecipeError
-from cpcli.recipe import load_recipe
+from cpcli.cluster.client import RemoteRun
+from cpcli.cluster.locate import locate
+from cpcli.errors import CpError, RecipeError
+from cpcli.recipe import Recipe, load_recipe
 from cpcli.registry import load_registry
-from cpcli.runtime.session import Progress, RunOptions, StopControl, run_session
+from cpcli.runtime.session import Progress, RunOptions, SessionResult, StopControl, local_worker_name, run_session
 from cpcli.units import parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
@@ -73,22 +76,44 @@ def run_command(
     session: str = typer.Option(None, "--session", help="Session folder name (default: UTC time + recipe name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
     min_free: str = typer.Option("1GiB", "--min-free", help="Stop recording cleanly below this free space: 1GiB, 2%."),
+    manager: str = typer.Option(None, "--manager", help="Run on the cluster of this manager (HOST:PORT)."),
+    local: bool = typer.Option(False, "--local", help="Run here only, even when a manager is found."),
+    interface: str = typer.Option(None, "--interface", help="Look for a manager over mDNS on this IPv4 address."),
+    cluster: str = typer.Option(None, "--cluster", help="The cluster to run on, when several managers answer."),
 ) -> int:
-    """Run a recipe and record it; stops on Ctrl-C or after --duration."""
+    """Run a recipe and record it; stops on Ctrl-C or after --duration.
+
+    On a cluster when a manager is found (--manager, one running on this machine, or mDNS on
+    --interface / CP_INTERFACE), else here with an embedded manager and worker.
+    """
     duration_s = parse_duration(duration) if duration is not None else None
     margin = parse_size(min_free)
     registry = load_registry()
     loaded = load_recipe(recipe, registry)
     stop, interrupted = StopControl(), [False]
     options = RunOptions(out_dir=out, session_name=session, duration_s=duration_s, min_free=margin)
+    timing = timing_from_env()
+    address = None if local else locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
+    if address is None:
+        _check_local_placement(loaded, options)
     live = Live(console=err_console, refresh_per_second=4, transient=True) if (
         err_console.is_terminal and not as_json) else None
+    reporter = _Reporter(live, as_json)
+
+    def execute() -> SessionResult:
+        if address is None:
+            return run_session(loaded, registry, options, stop, reporter)
+        if not as_json:
+            err_console.print(f"running on the cluster of the manager at {address}", markup=False)
+        return RemoteRun(address, loaded, registry, options, stop, timing, reporter,
+                         lambda line: err_console.print(line, markup=False)).run()
+
     with _stop_on_signals(stop, interrupted):
         if live is not None:
             with live:
-                result = run_session(loaded, registry, options, stop, _Reporter(live, as_json))
+                result = execute()
         else:
-            result = run_session(loaded, registry, options, stop, _Reporter(None, as_json))
+            result = execute()
     if as_json:
         out_console.print_json(json.dumps(_json_result(result.session_dir, result.manifest, result.failures,
                                                        result.interrupted, result.error)))
@@ -97,15 +122,40 @@ def run_command(
         for line in summary_lines(result):
             out_console.print(line, markup=False)
     for node_id, message in result.failures.items():
+        worker = str(result.manifest.get("nodes", {}).get(node_id, {}).get("worker", ""))
+        on = f" on worker {worker}" if address is not None and worker else ""
         err_console.print("[red]error:[/red] ", end="")
         err_console.print(f"node {node_id} failed: {message}; full traceback in "
-                          f"{result.logs_dir / (node_id + '.log')}", markup=False)
+                          f"{result.logs_dir / (node_id + '.log')}{on}", markup=False)
+    lost = result.manifest.get("lost_workers") or {}
+    unfinished = {w: v for w, v in lost.items() if not v.get("finished")}
+    for worker, what in lost.items():
+        nodes = [n for n, v in result.manifest["nodes"].items() if v.get("worker") == worker]
+        back = (f", rejoined at {what['rejoined_at_ns'] / 1e9:.1f} s" if what.get("rejoined_at_ns") is not None
+                else "")
+        kept = "its recordings are complete" if what.get("finished") else \
+            "its nodes kept recording there; their files stay on that machine until `cp collect`"
+        err_console.print("[yellow]warning:[/yellow] ", end="")
+        err_console.print(f"worker {worker} ({', '.join(nodes)}) was lost at {what['lost_at_ns'] / 1e9:.1f} s"
+                          f"{back}; {kept}", markup=False)
+    if unfinished and not (result.failures or result.error):
+        return 1
     if result.error:
         err_console.print("[red]error:[/red] ", end="")
         err_console.print(result.error, markup=False)
     if result.failures or result.error:
         return 1
     return EXIT_INTERRUPTED if interrupted[0] else 0
+
+
+def _check_local_placement(recipe: Recipe, options: RunOptions) -> None:
+    """Running here: a node placed on another machine needs the cluster, which was not found."""
+    here = options.worker or local_worker_name()
+    away = [f"{n.id} (worker {n.worker})" for n in recipe.nodes if n.worker and n.worker != here]
+    if away:
+        raise CpError(f"nodes {', '.join(away)} are placed on other machines, but no manager was found",
+                      hint="start `cp manager` and `cp worker`, then pass --manager HOST:PORT or --interface IP "
+                           "(or set CP_INTERFACE) so cp run can find it")
 
 
 def _json_result(session_dir: Path, manifest: dict[str, Any], failures: dict[str, str],

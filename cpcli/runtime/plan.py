@@ -17,6 +17,7 @@ class NodeState(str, Enum):
     STOPPING = "stopping"
     DONE = "done"
     FAILED = "failed"
+    LOST = "lost"  # its worker stopped answering (a cluster session); it may still be recording there
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,37 @@ class NodeStatus:
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     worker: str = ""  # where it runs (a cluster session spans workers)
+
+
+def plan_to_dict(plan: NodePlan) -> dict[str, Any]:
+    """A plan as plain data for the control plane (the entry point is resolved on the worker)."""
+    return {"id": plan.id, "type": plan.type, "params": plan.params, "record": plan.record, "sync": plan.sync,
+            "tolerance_ms": plan.tolerance_ms, "inputs": [list(i) for i in plan.inputs],
+            "outputs": list(plan.outputs)}
+
+
+def plan_from_dict(data: dict[str, Any], entry_point: str = "") -> NodePlan:
+    """Raises KeyError, TypeError or ValueError when `data` is not a plan."""
+    inputs = tuple((str(k), str(s), str(p)) for k, s, p in data["inputs"])
+    if not isinstance(data["params"], dict):
+        raise TypeError("params is not a mapping")
+    return NodePlan(id=str(data["id"]), type=str(data["type"]), entry_point=entry_point, params=dict(data["params"]),
+                    record=bool(data["record"]), sync=str(data["sync"]), tolerance_ms=float(data["tolerance_ms"]),
+                    inputs=inputs, outputs=tuple(str(o) for o in data["outputs"]))
+
+
+def status_to_dict(status: NodeStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": status.id, "type": status.type, "state": status.state.value,
+                           "stats": status.stats.to_dict(), "files": list(status.files), "info": status.info,
+                           "worker": status.worker}
+    if status.error:
+        out["error"] = status.error
+    return out
+
+
+def status_from_dict(data: dict[str, Any]) -> NodeStatus:
+    """Raises KeyError, TypeError or ValueError when `data` is not a node status."""
+    return NodeStatus(id=str(data["id"]), type=str(data["type"]), state=NodeState(data["state"]),
+                      stats=NodeStats.from_dict(dict(data.get("stats") or {})),
+                      files=tuple(dict(f) for f in data.get("files") or ()), error=data.get("error"),
+                      info=dict(data.get("info") or {}), worker=str(data.get("worker", "")))

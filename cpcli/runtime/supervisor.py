@@ -95,6 +95,11 @@ class Supervisor:
     # -- watching ----------------------------------------------------------------------------
 
     @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The control socket the node processes report to (for a caller's poller)."""
+        return self._server.socket
+
+    @property
     def nodes(self) -> dict[str, NodeStatus]:
         return dict(self._status)
 

@@ -1,0 +1,213 @@
+"""`cp manager`, `cp worker` and `cp status`: the cluster from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from cpcli.cli.output import err_console, out_console
+from cpcli.cli.status import status_view
+from cpcli.cluster.discovery import DEFAULT_CLUSTER, NAME_RE, Advertiser, ManagerAdvert, find_manager, interface_for
+from cpcli.cluster.locate import announce_local, forget_local, locate
+from cpcli.cluster.machine import address_towards, default_interface, parse_address
+from cpcli.cluster.manager import Manager, ManagerConfig
+from cpcli.cluster.timing import ClusterTiming
+from cpcli.cluster.worker import WorkerAgent, WorkerConfig
+from cpcli.errors import CpError, PeerLostError, TransportError
+from cpcli.registry import load_registry
+from cpcli.runtime.session import local_worker_name
+
+DEFAULT_PORT = 7425
+TIMING_ENV = "CP_CLUSTER_TIMING"
+EXIT_INTERRUPTED = 130
+
+
+def timing_from_env() -> ClusterTiming:
+    return ClusterTiming.from_env(os.environ.get(TIMING_ENV))
+
+
+def say(line: str) -> None:
+    """A progress line of a long-running command, stamped with the local time."""
+    err_console.print(f"{datetime.now().strftime('%H:%M:%S')} {line}", markup=False, highlight=False)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event, forced: threading.Event) -> Iterator[list[bool]]:
+    interrupted = [False]
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        interrupted[0] = interrupted[0] or signum == signal.SIGINT
+        if stop.is_set():
+            forced.set()
+        stop.set()
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _check_name(what: str, value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise CpError(f"{what} {value!r} must be 1-30 letters, digits, '.', '_' or '-', starting with a letter or "
+                      "digit", hint=f"pass another --{what}")
+    return value
+
+
+def _interface(given: str | None) -> str:
+    chosen = default_interface(given)
+    interface_for(chosen)  # a clear error when it is not an address of this machine
+    return chosen
+
+
+def manager_command(
+    name: str = typer.Option(None, "--name", help="Manager name (default: this machine's host name)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port of the control socket."),
+    interface: str = typer.Option(None, "--interface", help="IPv4 address to listen and advertise on "
+                                  "(default: CP_INTERFACE, else the default route's)."),
+    data: Path = typer.Option(Path("sessions"), "--data", help="Folder for session records (and the local "
+                              "worker's recordings)."),
+    no_local_worker: bool = typer.Option(False, "--no-local-worker", help="Run no worker in this process."),
+    cluster: str = typer.Option(DEFAULT_CLUSTER, "--cluster", help="Cluster name: workers join only their own."),
+) -> int:
+    """Coordinate the lab's workers; advertised over mDNS. Runs a local worker too unless told not to."""
+    name = _check_name("name", name or local_worker_name()[:30])
+    _check_name("cluster", cluster)
+    if not 0 <= port < 65536:
+        raise CpError(f"--port {port} is not a TCP port", hint="use 1-65535, or 0 for any free port")
+    host = _interface(interface)
+    timing = timing_from_env()
+    stop, forced = threading.Event(), threading.Event()
+    manager = Manager(ManagerConfig(name, cluster, host, port, data.resolve(), timing,
+                                    None if no_local_worker else name), stop,
+                      logging.getLogger("cpcli.manager"), say)
+    address = f"{host}:{manager.port}"
+    advertiser = None
+    if not host.startswith("127."):
+        advertiser = Advertiser(ManagerAdvert(cluster, name, host, manager.port), host)
+        try:
+            advertiser.start()
+        except TransportError:
+            manager.router.close()
+            raise
+    local_file = announce_local(cluster, name, address)
+    worker_thread = None
+    worker_error: list[CpError] = []
+    worker_stop = threading.Event()
+    if not no_local_worker:
+        agent = WorkerAgent(WorkerConfig(name, host, data.resolve(), address, timing), load_registry(), worker_stop,
+                            logging.getLogger("cpcli.worker"), lambda line: say(f"[local worker] {line}"))
+
+        def run_worker() -> None:
+            try:
+                agent.run()
+            except CpError as err:
+                worker_error.append(err)
+                stop.set()
+
+        worker_thread = threading.Thread(target=run_worker, name="local-worker", daemon=True)
+    where = f"advertised over mDNS on {host}" if advertiser else "not advertised (loopback)"
+    say(f"manager {name} of cluster {cluster} listening on {address}, {where}; data in {data.resolve()}"
+        + ("" if no_local_worker else f"; local worker {name}"))
+    with _stop_on_signals(stop, forced) as interrupted:
+        if worker_thread is not None:
+            worker_thread.start()
+        try:
+            manager.run()
+        finally:
+            worker_stop.set()
+            if worker_thread is not None:
+                worker_thread.join(60)
+            forget_local(local_file)
+            if advertiser is not None:
+                advertiser.stop()
+    if worker_error:
+        raise worker_error[0]
+    say(f"manager {name} stopped")
+    return EXIT_INTERRUPTED if interrupted[0] else 0
+
+
+def worker_command(
+    name: str = typer.Option(None, "--name", help="Worker name, used in recipes' `worker:` (default: host name)."),
+    manager: str = typer.Option(None, "--manager", help="HOST:PORT of the manager (default: find it over mDNS)."),
+    interface: str = typer.Option(None, "--interface", help="IPv4 address to use (default: CP_INTERFACE, else the "
+                                  "one towards the manager)."),
+    data: Path = typer.Option(Path("sessions"), "--data", help="Folder where this worker records."),
+    cluster: str = typer.Option(DEFAULT_CLUSTER, "--cluster", help="Join only the manager of this cluster."),
+) -> int:
+    """Join the lab's manager and run the nodes it places here, recording locally."""
+    name = _check_name("name", name or local_worker_name()[:30])
+    _check_name("cluster", cluster)
+    timing = timing_from_env()
+    stop, forced = threading.Event(), threading.Event()
+    with _stop_on_signals(stop, forced) as interrupted:
+        if manager:
+            try:
+                manager_host, _ = parse_address(manager)
+            except ValueError as err:
+                raise CpError(str(err), hint="write it as HOST:PORT, e.g. --manager 192.168.1.10:7425") from err
+            host = _interface(interface) if interface or os.environ.get("CP_INTERFACE") else \
+                address_towards(manager_host)
+            address = manager
+        else:
+            host = _interface(interface)
+            found = _discover(host, cluster, timing, stop)
+            if found is None:
+                return EXIT_INTERRUPTED
+            address = found
+        agent = WorkerAgent(WorkerConfig(name, host, data.resolve(), address, timing), load_registry(), stop,
+                            logging.getLogger("cpcli.worker"), say)
+        say(f"worker {name} on {host}: joining the manager at {address}; recording into {data.resolve()}")
+        agent.run()
+    say(f"worker {name} stopped")
+    return EXIT_INTERRUPTED if interrupted[0] else 0
+
+
+def _discover(interface: str, cluster: str, timing: ClusterTiming, stop: threading.Event) -> str | None:
+    """Search mDNS until the manager of `cluster` answers (it may start after the worker)."""
+    said = False
+    while not stop.is_set():
+        try:
+            advert = find_manager(interface, timing.discovery_s, cluster)
+        except PeerLostError:
+            if not said:
+                say(f"no manager of cluster {cluster} on {interface} yet; still looking (Ctrl-C to give up)")
+                said = True
+            continue
+        say(f"found manager {advert.describe()}")
+        return advert.address
+    return None
+
+
+def status_command(
+    manager: str = typer.Option(None, "--manager", help="HOST:PORT of the manager (default: find it)."),
+    interface: str = typer.Option(None, "--interface", help="IPv4 address to search for the manager on."),
+    cluster: str = typer.Option(None, "--cluster", help="The cluster to show, when several managers answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON, for scripts."),
+) -> int:
+    """One look at the cluster: manager, workers and the running session."""
+    timing = timing_from_env()
+    address = locate(manager, interface, cluster, timing.discovery_s, required=True)
+    assert address is not None
+    from cpcli.cluster.client import cluster_status
+
+    status = cluster_status(address, timing)
+    if as_json:
+        out_console.print_json(json.dumps(status, default=str))
+    else:
+        for renderable in status_view(status):
+            out_console.print(renderable)
+    return 0

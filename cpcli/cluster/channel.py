@@ -1,0 +1,144 @@
+"""Control-plane sockets of the cluster: the manager's ROUTER and the DEALERs of workers and clients.
+
+Both ends validate every message (`messages.check`) and drop what does not fit, with a log line per
+peer, so garbage or a foreign program on the port never crashes anything. ZeroMQ itself refuses
+frames above MAX_MESSAGE_BYTES (it closes that connection) and non-ZMTP bytes (failed handshake).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import msgpack
+import zmq
+
+from cpcli.cluster.messages import REFUSED, VersionMismatch, check
+from cpcli.errors import TransportError
+from cpcli.transport.protocol import pack_object, unpack_object
+
+MAX_MESSAGE_BYTES = 4 << 20  # a recipe of hundreds of nodes is far below this
+HWM = 10_000  # control messages are small; this only bounds a runaway peer
+LINGER_MS = 500  # a last STOP or RESULT gets this long to leave when a socket closes
+MAX_LOGGED_PEERS = 100  # garbage is logged once per peer, for this many peers
+
+
+def _decode(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    if len(frames) != 2:
+        raise TransportError(f"malformed control message ({len(frames)} frames)")
+    command = frames[0]
+    try:
+        body = unpack_object(frames[1])
+    except (msgpack.UnpackException, ValueError, TypeError) as err:
+        raise TransportError(f"malformed control body ({type(err).__name__})") from err
+    if not isinstance(body, dict):
+        raise TransportError("control body is not a mapping")
+    check(command, body)
+    return command, body
+
+
+def _socket(context: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
+    sock: zmq.Socket[Any] = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    return sock
+
+
+class Router:
+    """The manager's end: every peer is an identity; receive() yields only valid messages."""
+
+    def __init__(self, context: zmq.Context[Any], host: str, port: int, logger: logging.Logger) -> None:
+        self._log = logger
+        self.socket = _socket(context, zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer fails instead of vanishing
+        try:
+            if port:
+                self.socket.bind(f"tcp://{host}:{port}")
+            else:
+                port = self.socket.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as err:
+            self.socket.close()
+            hint = "another manager runs here? pick another --port" if err.errno == zmq.EADDRINUSE else (
+                "pass --interface with an address of this machine")
+            raise TransportError(f"cannot listen on {host}:{port} ({err.strerror})", hint=hint) from err
+        self.host, self.port = host, port
+        self._logged: set[bytes] = set()
+        self.dropped = 0  # malformed messages dropped so far
+
+    def receive(self) -> tuple[bytes, bytes, dict[str, Any]] | None:
+        """One waiting valid message as (peer, command, body), or None when none waits."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            peer = frames[0]
+            try:
+                command, body = _decode(frames[1:])
+            except TransportError as err:
+                self.dropped += 1
+                if peer not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
+                    self._logged.add(peer)
+                    self._log.warning("dropped a malformed control message from peer %s: %s", peer.hex()[:16], err)
+                if isinstance(err, VersionMismatch):  # another cpcli release: tell it why
+                    self.send(peer, REFUSED, {"message": err.message, "hint": err.hint or ""})
+                continue
+            return peer, command, body
+
+    def send(self, peer: bytes, command: bytes, body: dict[str, Any]) -> bool:
+        """Send to one peer; False when it is not connected (any more) or not reading."""
+        try:
+            self.socket.send_multipart([peer, command, pack_object(body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Dealer:
+    """A worker's or client's end, with a fresh identity per connection (`<name>.<random>`)."""
+
+    def __init__(self, context: zmq.Context[Any], address: str, name: str, logger: logging.Logger) -> None:
+        self._log = logger
+        self.identity = f"{name}.{secrets.token_hex(4)}".encode()
+        self.socket = _socket(context, zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, self.identity)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a manager that is not connected
+        try:
+            self.socket.connect(f"tcp://{address}")
+        except zmq.ZMQError as err:
+            self.socket.close()
+            raise TransportError(f"cannot connect to manager {address} ({err.strerror})",
+                                 hint="give --manager as HOST:PORT") from err
+        self.dropped = 0
+
+    def receive(self) -> tuple[bytes, dict[str, Any]] | None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                return _decode(frames)
+            except TransportError as err:
+                self.dropped += 1
+                self._log.warning("dropped a malformed control message from the manager: %s", err)
+
+    def send(self, command: bytes, body: dict[str, Any]) -> bool:
+        """False when the message cannot leave now (no connection to the manager)."""
+        try:
+            self.socket.send_multipart([command, pack_object(body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self, discard: bool = False) -> None:
+        """Close; `discard` drops what is still queued (a connection given up on)."""
+        self.socket.close(linger=0 if discard else LINGER_MS)

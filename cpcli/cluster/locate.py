@@ -1,0 +1,106 @@
+"""Finding the manager: `--manager`, a manager running on this machine, or mDNS on the chosen interface.
+
+`cp manager` leaves a small file in the user's runtime folder while it runs (one per network
+namespace and cluster), so `cp run` and `cp status` on the manager's own machine find it at once,
+without a network search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cpcli.cluster.discovery import DEFAULT_CLUSTER, find_manager, find_managers
+from cpcli.cluster.machine import INTERFACE_ENV, default_interface, parse_address
+from cpcli.errors import CpError
+
+MANAGER_ENV = "CP_MANAGER"
+
+
+def _runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"cpcli-{os.getuid()}"
+
+
+def _netns() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return "host"
+
+
+def _file(cluster: str) -> Path:
+    return _runtime_dir() / f"manager-{_netns()}-{cluster}.json"
+
+
+def announce_local(cluster: str, name: str, address: str) -> Path:
+    """Say "a manager runs here"; remove the file with `forget_local` when it stops."""
+    path = _file(cluster)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "cluster": cluster, "name": name, "address": address}))
+    tmp.replace(path)
+    return path
+
+
+def forget_local(path: Path) -> None:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def local_managers(cluster: str | None) -> list[dict[str, Any]]:
+    """Managers running on this machine (in this network namespace), of `cluster` when given."""
+    found = []
+    for path in sorted(_runtime_dir().glob(f"manager-{_netns()}-*.json")):
+        try:
+            data = json.loads(path.read_text())
+            alive = psutil.pid_exists(int(data["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if alive and (cluster is None or data.get("cluster") == cluster):
+            found.append(data)
+    return found
+
+
+def locate(manager: str | None, interface: str | None, cluster: str | None, timeout_s: float,
+           *, required: bool) -> str | None:
+    """The manager's HOST:PORT, or None (only when not `required`) if there is none to use.
+
+    Order: `--manager` (or CP_MANAGER); a manager on this machine; mDNS on `--interface` (or
+    CP_INTERFACE). Without an interface chosen, no network search is made unless `required`.
+    """
+    given = manager or os.environ.get(MANAGER_ENV)
+    if given:
+        try:
+            parse_address(given)
+        except ValueError as err:
+            raise CpError(str(err), hint="write it as HOST:PORT, e.g. --manager 192.168.1.10:7425") from err
+        return given
+    local = local_managers(cluster)
+    if len(local) > 1:
+        listed = ", ".join(f"{d['name']} of cluster {d['cluster']} at {d['address']}" for d in local)
+        raise CpError(f"{len(local)} managers run on this machine: {listed}", hint="pass --cluster NAME")
+    if local:
+        return str(local[0]["address"])
+    chosen = interface or os.environ.get(INTERFACE_ENV)
+    if chosen is None and not required:
+        return None
+    if chosen is None:
+        chosen = default_interface(None)
+    if required:
+        return find_manager(chosen, timeout_s, cluster or None).address
+    found = find_managers(chosen, timeout_s, cluster or DEFAULT_CLUSTER)
+    if len(found) > 1:
+        raise CpError(f"{len(found)} managers found on {chosen}: {', '.join(a.describe() for a in found)}",
+                      hint="pass --cluster NAME or --manager HOST:PORT")
+    return found[0].address if found else None
+

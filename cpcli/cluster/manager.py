@@ -1,0 +1,631 @@
+"""`cp manager`: the cluster's coordinator: workers, placement, one session across machines.
+
+One thread owns the ROUTER that workers and `cp` clients talk to. A session is prepared on every
+worker it uses, wired across them once every publisher is bound, started on all of them together
+and stopped together. The manager keeps the session record (`session.json` while it runs, then
+`manifest.json`, `recipe.yaml`, `events.jsonl`) in `--data/<session>/`; the workers record their
+nodes on their own disks. A manager that restarts mid-session picks the record up again and
+follows the workers as they re-register; nothing they recorded depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cpcli import __version__
+from cpcli.archive.files import file_record
+from cpcli.archive.manifest import read_node_record, write_json_atomically, write_manifest
+from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
+from cpcli.cluster import messages as m
+from cpcli.cluster.channel import Router
+from cpcli.cluster.timing import ClusterTiming
+from cpcli.errors import ArchiveError, CpError
+from cpcli.runtime.plan import plan_from_dict
+from cpcli.runtime.timing import Timing
+from cpcli.runtime.wiring import Bound, wiring
+from cpcli.transport.protocol import PROTOCOL_VERSION
+
+POLL_MS = 50
+SESSION_RECORD = "session.json"  # the manager's record of a session while it runs
+LOST = "lost"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    name: str
+    cluster: str
+    interface: str
+    port: int
+    data_dir: Path
+    timing: ClusterTiming = ClusterTiming()
+    local_worker: str | None = None  # the name of the worker running in this process, if any
+
+
+@dataclass
+class WorkerEntry:
+    name: str
+    identity: bytes
+    instance: str
+    host: str
+    version: str
+    node_types: list[str]
+    resources: dict[str, Any]
+    last_heard: float
+    state: str = "ready"  # ready | running | lost
+    lost_at: float | None = None
+
+    def public(self, now: float) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "state": self.state, "version": self.version,
+                "last_heartbeat_s": round(now - self.last_heard, 3), "node_types": self.node_types,
+                **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
+                                                       "memory_available", "disk_free")}}
+
+
+@dataclass
+class ClusterSession:
+    """One session across workers, as the manager follows it."""
+
+    name: str
+    dir: Path
+    recipe: str
+    recipe_text: str
+    nodes: list[dict[str, Any]]  # the plans, as plain data, each with its "worker"
+    options: dict[str, Any]
+    timing: dict[str, Any]
+    on_worker_lost: str = "continue"
+    phase: str = "preparing"  # preparing | wired | running | stopping | finished
+    client: bytes | None = None
+    client_heard: float = 0.0
+    created: float = field(default_factory=time.monotonic)
+    start_ns: int | None = None  # manager monotonic time of the start (the session timeline's 0)
+    start_utc: str | None = None
+    stop_ns: int | None = None
+    stop_deadline: float = 0.0
+    bound: dict[str, Bound] = field(default_factory=dict)
+    ready: set[str] = field(default_factory=set)
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker -> its final report
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> last status
+    failures: dict[str, str] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)  # worker -> session time it was lost (ns)
+    rejoined: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    interrupted: bool = False
+    next_progress: float = 0.0
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted({str(n["worker"]) for n in self.nodes})
+
+    def on(self, worker: str) -> list[dict[str, Any]]:
+        return [n for n in self.nodes if n["worker"] == worker]
+
+    def t_ns(self) -> int:
+        return 0 if self.start_ns is None else time.monotonic_ns() - self.start_ns
+
+    def record(self) -> dict[str, Any]:
+        """What a restarted manager needs to follow the session again."""
+        return {"session": self.name, "recipe": self.recipe, "nodes": self.nodes, "options": self.options,
+                "timing": self.timing, "on_worker_lost": self.on_worker_lost, "phase": self.phase,
+                "start_ns": self.start_ns, "start_utc": self.start_utc, "stop_ns": self.stop_ns,
+                "lost": self.lost, "failures": self.failures, "error": self.error,
+                "interrupted": self.interrupted}
+
+
+class Manager:
+    """The coordinator loop; `run()` returns when `stop` is set and any session has ended."""
+
+    def __init__(self, config: ManagerConfig, stop: threading.Event, logger: logging.Logger | None = None,
+                 announce: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self._stop = stop
+        self._log = logger or logging.getLogger("cpcli.manager")
+        self._announce = announce or (lambda line: self._log.info("%s", line))
+        self._context: zmq.Context[Any] = zmq.Context()
+        self.router = Router(self._context, config.interface, config.port, self._log)
+        self.workers: dict[str, WorkerEntry] = {}
+        self._by_identity: dict[bytes, str] = {}
+        self._clients: dict[bytes, float] = {}  # identities of clients that beat, and when last heard
+        self.session: ClusterSession | None = None
+        self._events: EventLog | None = None
+        self._last_result: dict[str, Any] | None = None
+        self._next_beat = 0.0
+        self.started = time.monotonic()
+        self._adopt_unfinished()
+
+    @property
+    def port(self) -> int:
+        return self.router.port
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            stopping_since: float | None = None
+            while True:
+                if self._stop.is_set():
+                    if self.session is None or self.session.phase == "finished":
+                        break
+                    if stopping_since is None:
+                        stopping_since = time.monotonic()
+                        self._stop_session("the manager is shutting down", interrupted=True)
+                self._turn()
+        finally:
+            self.router.close()
+            self._context.term()
+
+    def _turn(self) -> None:
+        if self.router.socket.poll(POLL_MS):
+            while (message := self.router.receive()) is not None:
+                self._handle(*message)
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + self.config.timing.beat_s
+            for entry in self.workers.values():
+                if entry.state != LOST:
+                    self.router.send(entry.identity, m.BEAT, {})
+        self._check_lost(now)
+        if self.session is not None:
+            self._advance(self.session, now)
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _handle(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
+        if command == m.REGISTER:
+            self._register(peer, body)
+            return
+        if command in (m.RUN, m.ATTACH, m.STATUS) or peer in self._clients:
+            self._client_message(peer, command, body)
+            return
+        name = self._by_identity.get(peer)
+        entry = self.workers.get(name) if name else None
+        if entry is None or entry.identity != peer:
+            if command == m.BEAT:  # a worker from before a restart: ask it to register again
+                self.router.send(peer, m.REFUSED, {"message": "not registered", "reregister": True})
+            return
+        entry.last_heard = time.monotonic()
+        if entry.state == LOST:
+            return  # heard again only through a new registration
+        if command == m.BEAT:
+            entry.resources = dict(body.get("resources") or entry.resources)
+            return
+        session = self.session
+        if session is None or body.get("session") != session.name:
+            return
+        if command == m.PREPARED:
+            self._prepared(session, entry.name, body)
+        elif command == m.READY:
+            session.ready.add(entry.name)
+        elif command == m.STATE:
+            self._state(session, entry.name, body)
+        elif command == m.NODE_ENDED:
+            self._node_ended(session, entry.name, body)
+        elif command == m.FAILED:
+            session.finished.setdefault(entry.name, {"session": session.name, "phase": "finished", "nodes": {}})
+            self._fail(session, f"worker {entry.name}: {body['message']}")
+
+    def _register(self, peer: bytes, body: dict[str, Any]) -> None:
+        name = body["name"]
+        current = self.workers.get(name)
+        if current is not None and current.state != LOST and current.instance != body["instance"]:
+            self.router.send(peer, m.REFUSED, {
+                "message": f"a worker named {name} is already connected from {current.host}",
+                "hint": "give this worker another --name (the default is the host name)"})
+            self._log.warning("refused a second worker named %s from %s", name, body["host"])
+            return
+        if current is not None:
+            self._by_identity.pop(current.identity, None)
+        entry = WorkerEntry(name, peer, str(body["instance"]), str(body["host"]), str(body["version"]),
+                            [str(t) for t in body["node_types"]], dict(body.get("resources") or {}),
+                            time.monotonic())
+        was_lost = current is not None and current.state == LOST
+        self.workers[name] = entry
+        self._by_identity[peer] = name
+        known = []
+        for report in body["sessions"]:
+            if isinstance(report, dict) and self.session is not None and report.get("session") == self.session.name:
+                known.append(self.session.name)
+                self._rejoined(self.session, name, report)
+        if self.session is not None and self.session.phase in ("running", "stopping") and name in self.session.workers:
+            entry.state = "running"
+        self.router.send(peer, m.WELCOME, {"v": PROTOCOL_VERSION, "manager": self.config.name,
+                                           "cluster": self.config.cluster, "known_sessions": known})
+        self._announce(f"worker {name} {'rejoined' if was_lost or known else 'joined'} from {entry.host}")
+
+    def _client_message(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
+        self._clients[peer] = time.monotonic()
+        session = self.session
+        if session is not None and session.client == peer:
+            session.client_heard = time.monotonic()
+        if command == m.STATUS:
+            self.router.send(peer, m.STATUS_REPLY, self.status())
+        elif command == m.RUN:
+            self._run(peer, body)
+        elif command == m.ATTACH:
+            if session is None or session.name != body["session"]:
+                result = self._last_result if self._last_result and self._last_result["session"] == body["session"] \
+                    else None
+                if result is not None:
+                    self.router.send(peer, m.RESULT, result)
+                else:
+                    self.router.send(peer, m.REFUSED, {"message": f"no session {body['session']} on this manager"})
+                return
+            session.client, session.client_heard = peer, time.monotonic()
+            self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
+            self._event(session, "client_attached")
+        elif command == m.STOP and session is not None and session.name == body["session"]:
+            self._stop_session("stopped by cp run", interrupted=True)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _check_lost(self, now: float) -> None:
+        for entry in self.workers.values():
+            if entry.state != LOST and now - entry.last_heard > self.config.timing.lost_after_s:
+                entry.state, entry.lost_at = LOST, now
+                self._announce(f"worker {entry.name} lost (no heartbeat for {now - entry.last_heard:.1f} s)")
+                if self.session is not None and entry.name in self.session.workers:
+                    self._worker_lost(self.session, entry.name)
+        for peer, heard in list(self._clients.items()):
+            if now - heard > self.config.timing.lost_after_s * 4:
+                del self._clients[peer]
+
+    def _worker_lost(self, session: ClusterSession, name: str) -> None:
+        if session.phase == "finished" or name in session.finished:
+            return
+        session.lost[name] = session.t_ns()
+        nodes = [n["id"] for n in session.on(name)]
+        self._event(session, "worker_lost", worker=name, nodes=nodes)
+        if session.phase in ("preparing", "wired"):
+            self._fail(session, f"worker {name} was lost while the session was starting")
+        elif session.on_worker_lost == "stop":
+            self._stop_session(f"worker {name} was lost (on_worker_lost: stop)")
+        self._persist(session)
+
+    def _rejoined(self, session: ClusterSession, name: str, report: dict[str, Any]) -> None:
+        if name in session.lost:
+            session.rejoined[name] = session.t_ns()
+            self._event(session, "worker_rejoined", worker=name)
+        self._state(session, name, report)
+        if session.phase in ("stopping",) and report.get("phase") != "finished":
+            self.router.send(self.workers[name].identity, m.STOP, {"session": session.name})
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _run(self, peer: bytes, body: dict[str, Any]) -> None:
+        try:
+            session = self._new_session(peer, body)
+        except CpError as err:
+            self.router.send(peer, m.REFUSED, {"message": err.message, "hint": err.hint or ""})
+            return
+        self.session = session
+        self._events = EventLog(session.dir / "events.jsonl")
+        self._event(session, "session_starting", session=session.name, manager=self.config.name,
+                    workers=session.workers)
+        self._persist(session)
+        for worker in session.workers:
+            entry = self.workers[worker]
+            entry.state = "running"
+            self.router.send(entry.identity, m.PREPARE, {"session": session.name, "nodes": session.on(worker),
+                                                         "timing": session.timing, "options": session.options})
+        self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
+        self._announce(f"session {session.name}: {len(session.nodes)} nodes on {', '.join(session.workers)}")
+
+    def _new_session(self, peer: bytes, body: dict[str, Any]) -> ClusterSession:
+        if self.session is not None and self.session.phase != "finished":
+            raise CpError(f"session {self.session.name} is running on this cluster",
+                          hint="wait for it to end, or stop it with Ctrl-C where it was started")
+        nodes = [dict(n) for n in body["nodes"] if isinstance(n, dict)]
+        if not nodes or len(nodes) != len(body["nodes"]):
+            raise CpError("the recipe sent has no nodes")
+        default = self.config.local_worker
+        problems = []
+        for node in nodes:
+            try:
+                plan_from_dict(node)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CpError(f"malformed node in the recipe sent ({type(err).__name__}: {err})") from err
+            worker = node.get("worker") or default
+            if worker is None:
+                problems.append(f"node {node['id']} has no worker: and manager {self.config.name} runs no local "
+                                f"worker; add `worker: NAME` to it")
+                continue
+            node["worker"] = worker
+            entry = self.workers.get(str(worker))
+            if entry is None or entry.state == LOST:
+                why = "is not in the cluster" if entry is None else "is lost"
+                problems.append(f"node {node['id']} is placed on worker {worker}, which {why}; "
+                                f"known workers: {self._known_workers()}")
+            elif node["type"] not in entry.node_types:
+                problems.append(f"node {node['id']}: worker {worker} does not have node type {node['type']} installed")
+        if problems:
+            raise CpError("; ".join(problems), hint="start `cp worker` on the machines the recipe names, "
+                          "or change their `worker:`; `cp status` lists the workers")
+        options = dict(body["options"])
+        on_lost = str(body.get("on_worker_lost") or "continue")
+        name = body.get("session_name")
+        moment = datetime.now(timezone.utc)
+        try:
+            session_dir = create_session_dir(self.config.data_dir, str(name) if name else
+                                             default_session_name(str(body["recipe"]), moment), exact=bool(name))
+        except ArchiveError as err:
+            raise CpError(f"on manager {self.config.name}: {err.message}", hint=err.hint) from err
+        (session_dir / "recipe.yaml").write_text(str(body["recipe_text"]), encoding="utf-8")
+        return ClusterSession(name=session_dir.name, dir=session_dir, recipe=str(body["recipe"]),
+                              recipe_text=str(body["recipe_text"]), nodes=nodes, options=options,
+                              timing=Timing.from_dict(dict(body.get("timing") or {})).to_dict(),
+                              on_worker_lost=on_lost, client=peer, client_heard=time.monotonic())
+
+    def _known_workers(self) -> str:
+        return ", ".join(f"{e.name} ({e.state})" for e in sorted(self.workers.values(), key=lambda e: e.name)) \
+            or "none (no worker has joined)"
+
+    def _prepared(self, session: ClusterSession, worker: str, body: dict[str, Any]) -> None:
+        mine = {n["id"] for n in session.on(worker)}
+        for node_id, where in dict(body["bound"]).items():
+            if node_id in mine and isinstance(where, dict) and isinstance(where.get("endpoint"), str):
+                prefix = where.get("shm_prefix")
+                session.bound[node_id] = Bound(worker, where["endpoint"], str(prefix) if prefix else None)
+        if session.phase == "preparing" and len(session.bound) == len(session.nodes):
+            plans = {n["id"]: plan_from_dict(n) for n in session.nodes}
+            bodies = wiring(plans, session.bound)
+            for name in session.workers:
+                ids = {n["id"] for n in session.on(name)}
+                self.router.send(self.workers[name].identity, m.CONNECT, {
+                    "session": session.name, "wiring": {i: b for i, b in bodies.items() if i in ids}})
+            session.phase = "wired"
+
+    def _state(self, session: ClusterSession, worker: str, body: dict[str, Any]) -> None:
+        for node_id, status in dict(body.get("nodes") or {}).items():
+            if isinstance(status, dict) and any(n["id"] == node_id and n["worker"] == worker for n in session.nodes):
+                session.statuses[node_id] = status
+                if status.get("error") and node_id not in session.failures:
+                    session.failures[node_id] = str(status["error"])
+                    self._event(session, "node_failed", node=node_id, worker=worker, error=status["error"])
+                    self._stop_session(f"node {node_id} failed")
+        if body.get("error") and not session.error:
+            session.error = f"worker {worker}: {body['error']}"
+            self._stop_session(session.error)
+        if body.get("phase") == "finished":
+            session.finished[worker] = body
+            if self.workers[worker].state == "running":
+                self.workers[worker].state = "ready"
+
+    def _node_ended(self, session: ClusterSession, worker: str, body: dict[str, Any]) -> None:
+        source = body["node"]
+        for name in session.workers:
+            if name == worker or self.workers[name].state == LOST:
+                continue  # the sender's own downstream nodes were told by its supervisor
+            if any(any(i[1] == source for i in n["inputs"]) for n in session.on(name)):
+                self.router.send(self.workers[name].identity, m.ENDED,
+                                 {"session": session.name, "source": source, "sent": body["sent"]})
+
+    def _advance(self, session: ClusterSession, now: float) -> None:
+        runtime = Timing.from_dict(session.timing)
+        if session.phase in ("preparing", "wired") and now - session.created > runtime.ready_timeout_s:
+            late = [n["id"] for n in session.nodes if n["id"] not in session.bound
+                    or n["worker"] not in session.ready]
+            self._fail(session, f"nodes not ready after {runtime.ready_timeout_s:.0f} s: {', '.join(late)}")
+        if session.phase == "wired" and session.ready >= set(session.workers):
+            self._start(session)
+        if session.phase == "running":
+            duration = session.options.get("duration_s")
+            if duration is not None and session.start_ns is not None and \
+                    time.monotonic_ns() - session.start_ns >= float(duration) * 1e9:
+                self._stop_session(None)
+        if session.client is not None and session.phase in ("preparing", "wired", "running") and \
+                now - session.client_heard > self.config.timing.lost_after_s:
+            gone = "has not reattached" if session.client == b"" else "is gone"
+            self._event(session, "client_lost")
+            self._stop_session(f"the cp run that started the session {gone}", interrupted=True)
+        if session.phase == "stopping":
+            waiting = [w for w in session.workers if w not in session.finished and w not in self._lost_now(session)]
+            if not waiting or now >= session.stop_deadline:
+                self._finalize(session)
+                return
+        if now >= session.next_progress and session.client:
+            session.next_progress = now + self.config.timing.progress_s
+            self.router.send(session.client, m.PROGRESS, self._progress(session))
+
+    def _lost_now(self, session: ClusterSession) -> set[str]:
+        return {w for w in session.workers if self.workers.get(w) is None or self.workers[w].state == LOST}
+
+    def _start(self, session: ClusterSession) -> None:
+        session.start_ns = time.monotonic_ns()
+        session.start_utc = utc_stamp(datetime.now(timezone.utc))
+        session.phase = "running"
+        for worker in session.workers:
+            self.router.send(self.workers[worker].identity, m.START, {"session": session.name})
+        self._event(session, "session_started", start_utc=session.start_utc)
+        self._persist(session)
+
+    def _stop_session(self, why: str | None, interrupted: bool = False) -> None:
+        session = self.session
+        if session is None or session.phase in ("stopping", "finished"):
+            return
+        session.interrupted = session.interrupted or interrupted
+        session.stop_ns = time.monotonic_ns()
+        session.phase = "stopping"
+        runtime = Timing.from_dict(session.timing)
+        session.stop_deadline = time.monotonic() + runtime.drain_timeout_s + runtime.exit_timeout_s + \
+            self.config.timing.finish_margin_s
+        for worker in session.workers:
+            entry = self.workers.get(worker)
+            if entry is not None and entry.state != LOST:
+                self.router.send(entry.identity, m.STOP, {"session": session.name})
+        self._event(session, "session_stopping", reason=why or "duration reached")
+        self._persist(session)
+
+    def _fail(self, session: ClusterSession, message: str) -> None:
+        session.error = session.error or message
+        if session.phase in ("preparing", "wired"):
+            session.start_ns = None
+        self._stop_session(message)
+
+    def _progress(self, session: ClusterSession) -> dict[str, Any]:
+        elapsed = session.t_ns() / 1e9 if session.start_ns is not None else 0.0
+        return {"session": session.name, "phase": session.phase, "elapsed_s": elapsed,
+                "nodes": self._node_view(session), "lost": sorted(self._lost_now(session) & set(session.workers))}
+
+    def _node_view(self, session: ClusterSession) -> dict[str, Any]:
+        view = {}
+        for node in session.nodes:
+            status = dict(session.statuses.get(node["id"]) or {"id": node["id"], "type": node["type"],
+                                                               "state": "starting"})
+            status["worker"] = node["worker"]
+            view[node["id"]] = status
+        return view
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def _finalize(self, session: ClusterSession) -> None:
+        for report in session.finished.values():
+            for node_id, status in dict(report.get("nodes") or {}).items():
+                if isinstance(status, dict):
+                    session.statuses[node_id] = status
+        lost = self._lost_now(session)
+        for worker in session.workers:
+            if worker not in session.finished and worker not in lost:
+                self._event(session, "worker_unfinished", worker=worker)
+        manifest = self._manifest(session, lost)
+        session.phase = "finished"
+        self._event(session, "session_stopped", recorded=session.start_ns is not None)
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        events = session.dir / "events.jsonl"
+        if events.exists():
+            manifest["files"].append(file_record(events, "events.jsonl", "events").__dict__)
+        write_manifest(session.dir, manifest)
+        self._persist(session)
+        for worker in session.workers:
+            entry = self.workers.get(worker)
+            if entry is not None and entry.state == "running":
+                entry.state = "ready"
+        result = {"session": session.name, "session_dir": str(session.dir), "manifest": manifest,
+                  "failures": session.failures, "error": session.error, "interrupted": session.interrupted,
+                  "lost": {w: t for w, t in session.lost.items() if w not in session.finished}}
+        self._last_result = result
+        if session.client:
+            self.router.send(session.client, m.RESULT, result)
+        self._announce(f"session {session.name}: {manifest['status']}")
+
+    def _manifest(self, session: ClusterSession, lost: set[str]) -> dict[str, Any]:
+        started = session.start_ns is not None
+        end = session.stop_ns or time.monotonic_ns()
+        duration_ns = max(0, end - session.start_ns) if session.start_ns is not None else 0
+        workers: dict[str, Any] = {}
+        for name in session.workers:
+            entry = self.workers.get(name)
+            report = session.finished.get(name, {})
+            workers[name] = {"host": entry.host if entry else None,
+                             "clock": {"offset_ns": 0, "uncertainty_ns": None, "measured": False},
+                             "finished": name in session.finished,
+                             "files": list(report.get("files") or [])}
+            if name in session.lost:
+                workers[name]["lost_at_ns"] = session.lost[name]
+                if name in session.rejoined:
+                    workers[name]["rejoined_at_ns"] = session.rejoined[name]
+        nodes: dict[str, Any] = {}
+        for node in session.nodes:
+            status = session.statuses.get(node["id"], {})
+            files, stats = list(status.get("files") or []), dict(status.get("stats") or {})
+            if node["record"] and not files:  # a node whose worker did not report: trust its own record
+                own = read_node_record(session.dir, node["worker"], node["id"])
+                if own is not None:
+                    files, stats = list(own.get("files", [])), own.get("stats", stats)
+            state = status.get("state", "starting")
+            if node["worker"] in lost and node["worker"] not in session.finished:
+                state = LOST
+            record = {"type": node["type"], "worker": node["worker"], "params": node["params"],
+                      "record": node["record"], "inputs": [i[0] for i in node["inputs"]], "stats": stats,
+                      "files": files, "state": state, "info": dict(status.get("info") or {})}
+            if status.get("error"):
+                record["error"] = status["error"]
+            nodes[node["id"]] = record
+        failed = session.failures or session.error or any(n["state"] == "failed" for n in nodes.values())
+        unfinished = [w for w in session.workers if w not in session.finished]
+        outcome = "failed" if failed else "incomplete" if unfinished or not started else "complete"
+        manifest: dict[str, Any] = {
+            "session": session.name, "recipe": session.recipe, "start_utc": session.start_utc,
+            "duration_ns": duration_ns, "cpcli_version": __version__, "status": outcome,
+            "clock": {"start_cluster_ns": session.start_ns, "source": self.config.name},
+            "manager": {"name": self.config.name, "cluster": self.config.cluster, "host": self.config.interface},
+            "workers": workers, "nodes": nodes, "files": [],
+        }
+        if session.error:
+            manifest["error"] = session.error
+        if session.lost:
+            manifest["lost_workers"] = {w: {"lost_at_ns": t, "rejoined_at_ns": session.rejoined.get(w),
+                                            "finished": w in session.finished} for w, t in session.lost.items()}
+        recipe = session.dir / "recipe.yaml"
+        if recipe.exists():
+            manifest["files"].append(file_record(recipe, "recipe.yaml", "recipe").__dict__)
+        for report in session.finished.values():
+            manifest["files"].extend(report.get("files") or [])
+        return manifest
+
+    # -- record and restart ------------------------------------------------------------------
+
+    def _event(self, target: ClusterSession, event: str, **fields: Any) -> None:
+        if self._events is None:
+            self._events = EventLog(target.dir / "events.jsonl")
+        self._events.write(target.t_ns(), event, **fields)
+
+    def _persist(self, session: ClusterSession) -> None:
+        write_json_atomically(session.dir / SESSION_RECORD, session.record())
+
+    def _adopt_unfinished(self) -> None:
+        """A manager back after a crash: follow the session it was running, if any."""
+        records = sorted(self.config.data_dir.glob(f"*/{SESSION_RECORD}"), key=lambda p: p.stat().st_mtime)
+        for path in reversed(records):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(data, dict) or data.get("phase") in ("finished", None):
+                continue
+            session = ClusterSession(
+                name=path.parent.name, dir=path.parent, recipe=str(data.get("recipe", "")), recipe_text="",
+                nodes=list(data.get("nodes") or []), options=dict(data.get("options") or {}),
+                timing=dict(data.get("timing") or {}), on_worker_lost=str(data.get("on_worker_lost", "continue")),
+                phase=str(data["phase"]), client=b"", client_heard=time.monotonic() + self.config.timing.reattach_s,
+                start_ns=data.get("start_ns"), start_utc=data.get("start_utc"), stop_ns=data.get("stop_ns"),
+                lost={str(k): int(v) for k, v in dict(data.get("lost") or {}).items()},
+                failures=dict(data.get("failures") or {}), error=data.get("error"),
+                interrupted=bool(data.get("interrupted")))
+            self.session = session
+            self._event(session, "manager_restarted", manager=self.config.name)
+            if session.phase in ("preparing", "wired"):
+                self._fail(session, "the manager restarted before the session started")
+            elif session.phase == "stopping":
+                session.phase = "running"  # stop again: workers that re-register get STOP
+                self._stop_session(None)
+            self._announce(f"following session {session.name} again (it was {data['phase']} when the manager "
+                           "stopped); waiting for its workers")
+            return
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        session = None
+        if self.session is not None:
+            s = self.session
+            session = {"name": s.name, "phase": s.phase, "dir": str(s.dir), "recipe": s.recipe,
+                       "elapsed_s": round(s.t_ns() / 1e9, 3) if s.start_ns is not None else 0.0,
+                       "nodes": self._node_view(s), "lost": sorted(self._lost_now(s) & set(s.workers))}
+        return {"manager": {"name": self.config.name, "cluster": self.config.cluster,
+                            "address": f"{self.config.interface}:{self.port}", "version": __version__,
+                            "protocol": PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
+                            "local_worker": self.config.local_worker},
+                "workers": [e.public(now) for e in sorted(self.workers.values(), key=lambda e: e.name)],
+                "session": session}

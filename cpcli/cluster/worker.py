@@ -1,0 +1,375 @@
+"""`cp worker`: join a manager, run the nodes it places here, record locally, survive its absence.
+
+One thread owns everything: the DEALER to the manager, and the supervisor (node processes) of each
+session. Recording never depends on the manager: a worker that loses it keeps its nodes running
+and recording until the session's own end (the duration it was given) or a stop, reconnects with a
+capped back-off, and reports what it ran when it re-registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cpcli import __version__
+from cpcli.archive.files import file_record
+from cpcli.archive.manifest import write_json_atomically
+from cpcli.cluster import messages as m
+from cpcli.cluster.channel import Dealer
+from cpcli.cluster.machine import resources
+from cpcli.cluster.timing import ClusterTiming
+from cpcli.errors import CpError
+from cpcli.registry import Registry
+from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
+from cpcli.runtime.plan import NodePlan, NodeState, plan_from_dict, status_to_dict
+from cpcli.runtime.supervisor import Supervisor
+from cpcli.runtime.timing import Timing
+from cpcli.transport.protocol import PROTOCOL_VERSION
+from cpcli.units import Size
+
+POLL_MS = 50  # the loop's longest sleep: bounds the reaction to the manager, nodes and a stop
+WORKER_RECORD = "worker.json"  # <session>/<worker>/worker.json: this worker's part of the manifest
+KEEP_FINISHED = 8  # finished sessions remembered for a manager that comes back
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    interface: str  # this worker's address: node publishers listen here
+    data_dir: Path
+    manager: str  # HOST:PORT of the manager
+    timing: ClusterTiming = ClusterTiming()
+
+
+class _Session:
+    """This worker's part of one session."""
+
+    def __init__(self, name: str, plans: list[NodePlan], supervisor: Supervisor, session_dir: Path,
+                 duration_s: float | None, runtime: Timing, disk: DiskGuard) -> None:
+        self.name, self.plans, self.supervisor, self.dir = name, plans, supervisor, session_dir
+        self.duration_s, self.runtime, self.disk = duration_s, runtime, disk
+        self.phase = "preparing"  # preparing | wired | ready | running | stopping | finished
+        self.prepared_sent = self.ready_sent = False
+        self.deadline: float | None = None  # monotonic: the session's own end, known without the manager
+        self.stop_deadline = 0.0
+        self.error: str | None = None
+        self.final: dict[str, Any] | None = None  # the finished report, kept until the manager has it
+        self.final_acked = False
+
+    def report(self) -> dict[str, Any]:
+        if self.final is not None:
+            return self.final
+        nodes = {n: status_to_dict(s) for n, s in self.supervisor.nodes.items()}
+        body: dict[str, Any] = {"session": self.name, "phase": self.phase, "nodes": nodes}
+        if self.error:
+            body["error"] = self.error
+        return body
+
+
+class WorkerAgent:
+    """Runs until `stop` is set. `run()` raises CpError when the manager refuses the first registration."""
+
+    def __init__(self, config: WorkerConfig, registry: Registry, stop: threading.Event,
+                 logger: logging.Logger | None = None, announce: Any = None) -> None:
+        self.config = config
+        self._registry = registry
+        self._stop = stop
+        self._log = logger or logging.getLogger("cpcli.worker")
+        self._announce = announce or (lambda line: self._log.info("%s", line))
+        self._instance = secrets.token_hex(8)  # tells "this worker reconnecting" from "another of that name"
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._dealer: Dealer | None = None
+        self._joined = False
+        self._ever_joined = False
+        self._last_heard = 0.0
+        self._next_beat = 0.0
+        self._next_state = 0.0
+        self._register_deadline = 0.0
+        self._next_register_send = 0.0
+        self._backoff_s = config.timing.backoff_min_s
+        self._reconnect_at = 0.0
+        self._sessions: dict[str, _Session] = {}
+        self.manager_name = ""
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        resources(self.config.data_dir)  # primes psutil's CPU sampling
+        try:
+            self._connect()
+            while not self._stop.is_set():
+                self._turn()
+            self._shutdown()
+        finally:
+            for session in self._sessions.values():
+                session.supervisor.close()
+            if self._dealer is not None:
+                self._dealer.close(discard=not self._joined)
+            self._context.term()
+
+    def _turn(self) -> None:
+        poller = zmq.Poller()
+        if self._dealer is not None:
+            poller.register(self._dealer.socket, zmq.POLLIN)
+        for session in self._sessions.values():
+            if session.phase != "finished":
+                poller.register(session.supervisor.socket, zmq.POLLIN)
+        poller.poll(POLL_MS)
+        while self._dealer is not None and (message := self._dealer.receive()) is not None:
+            self._last_heard = time.monotonic()
+            self._handle(*message)
+        for session in list(self._sessions.values()):
+            self._advance(session)
+        self._keep_in_touch()
+
+    def _shutdown(self) -> None:
+        """Ctrl-C on the worker: stop its sessions in order, let them finish, report, leave."""
+        running = [s for s in self._sessions.values() if s.phase != "finished"]
+        for session in running:
+            self._announce(f"stopping session {session.name}: closing recordings")
+            self._begin_stop(session)
+        deadline = time.monotonic() + 30.0
+        while any(s.phase != "finished" for s in running) and time.monotonic() < deadline:
+            self._turn_without_stop()
+
+    def _turn_without_stop(self) -> None:
+        self._turn()
+
+    # -- the manager -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close(discard=True)
+        self._dealer = Dealer(self._context, self.config.manager, self.config.name, self._log)
+        self._joined = False
+        now = time.monotonic()
+        self._register_deadline = now + self.config.timing.register_timeout_s
+        self._next_register_send = now
+
+    def _register_body(self) -> dict[str, Any]:
+        sessions = [s.report() for s in self._sessions.values() if not s.final_acked]
+        return {"v": PROTOCOL_VERSION, "name": self.config.name, "instance": self._instance,
+                "host": self.config.interface, "version": __version__,
+                "node_types": sorted(self._registry.types), "sessions": sessions,
+                "resources": resources(self.config.data_dir)}
+
+    def _keep_in_touch(self) -> None:
+        now = time.monotonic()
+        timing = self.config.timing
+        if self._dealer is None:
+            if now >= self._reconnect_at:
+                self._connect()
+            return
+        if not self._joined:
+            if now >= self._next_register_send:
+                if self._dealer.send(m.REGISTER, self._register_body()):
+                    self._next_register_send = self._register_deadline  # sent: wait for the answer
+                else:
+                    self._next_register_send = now + 0.05  # not connected yet
+            if now >= self._register_deadline:
+                self._dealer.close(discard=True)
+                self._dealer = None
+                self._reconnect_at = now + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, timing.backoff_max_s)
+            return
+        if now - self._last_heard > timing.lost_after_s:
+            recording = sum(len(s.plans) for s in self._sessions.values() if s.phase not in ("finished",))
+            self._announce(f"lost the manager {self.manager_name} at {self.config.manager}"
+                           + (f"; {recording} nodes keep recording" if recording else "") + "; reconnecting")
+            self._dealer.close(discard=True)
+            self._dealer = None
+            self._joined = False
+            self._backoff_s = timing.backoff_min_s
+            for session in self._sessions.values():  # not started yet: nothing to record, give it up
+                if session.phase in ("preparing", "wired"):
+                    session.error = "the manager was lost before the session started"
+                    self._begin_stop(session)
+            self._reconnect_at = now + self._backoff_s
+            return
+        if now >= self._next_beat:
+            self._next_beat = now + timing.beat_s
+            self._dealer.send(m.BEAT, {"resources": resources(self.config.data_dir)})
+
+    def _send(self, command: bytes, body: dict[str, Any]) -> bool:
+        if self._dealer is None or not self._joined:
+            return False
+        return self._dealer.send(command, body)
+
+    def _handle(self, command: bytes, body: dict[str, Any]) -> None:
+        if command == m.REFUSED:
+            self._refused(body)
+        elif command == m.WELCOME:
+            self._welcomed(body)
+        elif command == m.BEAT or not self._joined:
+            return
+        elif command == m.PREPARE:
+            self._prepare(body)
+        elif command in (m.CONNECT, m.START, m.STOP, m.ENDED):
+            session = self._sessions.get(body["session"])
+            if session is None:
+                self._log.debug("%s for unknown session %s ignored", command.decode(), body["session"])
+            elif command == m.CONNECT:
+                self._connect_nodes(session, body)
+            elif command == m.START:
+                self._start(session)
+            elif command == m.STOP:
+                self._begin_stop(session)
+            else:
+                session.supervisor.deliver_ended(str(body["source"]), dict(body["sent"]))
+        else:
+            self._log.warning("unexpected %s from the manager ignored", command.decode())
+
+    def _welcomed(self, body: dict[str, Any]) -> None:
+        first = not self._ever_joined
+        self._joined = self._ever_joined = True
+        self._backoff_s = self.config.timing.backoff_min_s
+        self.manager_name = str(body["manager"])
+        for name in body.get("known_sessions", []):  # the manager holds these reports now
+            if name in self._sessions and self._sessions[name].final is not None:
+                self._sessions[name].final_acked = True
+        verb = "joined" if first else "rejoined"
+        self._announce(f"{verb} manager {body['manager']} of cluster {body['cluster']} at {self.config.manager} "
+                       f"as worker {self.config.name}")
+
+    def _refused(self, body: dict[str, Any]) -> None:
+        if body.get("reregister") and self._dealer is not None:  # a manager that restarted: register again
+            self._joined = False
+            self._connect()
+            return
+        message = f"manager at {self.config.manager} refused worker {self.config.name}: {body['message']}"
+        if not self._ever_joined:
+            raise CpError(message, hint=str(body.get("hint") or "") or None)
+        self._log.error("%s", message)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _prepare(self, body: dict[str, Any]) -> None:
+        name = str(body["session"])
+        if name in self._sessions:
+            return  # a repeated PREPARE (the manager came back): already under way
+        try:
+            plans = [self._resolve(dict(d)) for d in body["nodes"]]
+            runtime = Timing.from_dict(dict(body["timing"]))
+            options = dict(body["options"])
+            margin = dict(options.get("min_free") or {})
+            percent = margin.get("percent")
+            disk = DiskGuard(self.config.data_dir, Size(int(margin.get("bytes", DEFAULT_MIN_FREE.bytes)),
+                                                        None if percent is None else float(percent)))
+            disk.check_before_start()
+            session_dir = self.config.data_dir / name
+            session_dir.mkdir(parents=True, exist_ok=True)
+            supervisor = Supervisor(plans, session_dir, self.config.name, runtime, host=self.config.interface,
+                                    logger=logging.getLogger(f"cpcli.worker.{name}"),
+                                    shared_memory=bool(options.get("shared_memory", True)),
+                                    shm_threshold_bytes=int(options.get("shm_threshold_bytes", 0)),
+                                    external_wiring=True)
+        except CpError as err:
+            self._send(m.FAILED, {"session": name, "message": err.message, "hint": err.hint or ""})
+            return
+        except (KeyError, TypeError, ValueError) as err:
+            self._send(m.FAILED, {"session": name, "message": f"malformed PREPARE ({type(err).__name__}: {err})"})
+            return
+        duration = options.get("duration_s")
+        session = _Session(name, plans, supervisor, session_dir, None if duration is None else float(duration),
+                           runtime, disk)
+        self._sessions[name] = session
+        try:
+            supervisor.start()
+        except OSError as err:
+            session.error = f"cannot start node processes ({err})"
+            self._send(m.FAILED, {"session": name, "message": session.error})
+            self._begin_stop(session)
+            return
+        self._announce(f"session {name}: starting {len(plans)} nodes ({', '.join(p.id for p in plans)})")
+        self._forget_old_sessions()
+
+    def _resolve(self, data: dict[str, Any]) -> NodePlan:
+        node_type = self._registry.types.get(str(data.get("type")))
+        if node_type is None:
+            raise CpError(f"node {data.get('id')}: type {data.get('type')} is not installed on worker "
+                          f"{self.config.name}", hint="install the package that provides it there (`cp nodes`)")
+        return plan_from_dict(data, node_type.origin)
+
+    def _connect_nodes(self, session: _Session, body: dict[str, Any]) -> None:
+        if session.phase == "preparing":
+            session.supervisor.connect(dict(body["wiring"]))
+            session.phase = "wired"
+
+    def _start(self, session: _Session) -> None:
+        if session.phase not in ("wired", "ready"):
+            return
+        session.supervisor.begin(time.monotonic_ns())
+        session.phase = "running"
+        if session.duration_s is not None:
+            session.deadline = time.monotonic() + session.duration_s
+        self._announce(f"session {session.name}: recording")
+
+    def _begin_stop(self, session: _Session) -> None:
+        if session.phase in ("stopping", "finished"):
+            return
+        session.phase = "stopping"
+        session.supervisor.stop()
+        runtime = session.runtime
+        session.stop_deadline = time.monotonic() + runtime.drain_timeout_s + runtime.exit_timeout_s
+
+    def _advance(self, session: _Session) -> None:
+        if session.phase == "finished":
+            if session.final is not None and not session.final_acked and self._joined:
+                pass  # re-sent with every register; the manager acknowledges in WELCOME
+            return
+        supervisor = session.supervisor
+        supervisor.poll(0)
+        for node_id, sent in supervisor.ended:
+            self._send(m.NODE_ENDED, {"session": session.name, "node": node_id, "sent": sent})
+        supervisor.ended.clear()
+        now = time.monotonic()
+        if session.phase == "preparing" and supervisor.all_bound and not session.prepared_sent:
+            session.prepared_sent = self._send(m.PREPARED, {"session": session.name, "bound": {
+                n: {"endpoint": b.endpoint, "shm_prefix": b.shm_prefix} for n, b in supervisor.bound.items()}})
+        if session.phase == "wired" and supervisor.all_ready and not session.ready_sent:
+            session.ready_sent = self._send(m.READY, {"session": session.name})
+        if supervisor.failures and session.phase not in ("stopping",):
+            self._begin_stop(session)
+            self._send(m.STATE, session.report())
+        if session.phase == "running":
+            session.error = session.error or session.disk.check()
+            if session.error or (session.deadline is not None and now >= session.deadline):
+                self._begin_stop(session)
+        if session.phase == "stopping" and (supervisor.all_finished or now >= session.stop_deadline):
+            self._finish(session)
+            return
+        if now >= self._next_state:
+            self._next_state = now + session.runtime.stats_interval_s
+            self._send(m.STATE, session.report())
+
+    def _finish(self, session: _Session) -> None:
+        session.supervisor.close()
+        report = session.report()
+        report["phase"] = "finished"
+        files = [file_record(p, p.relative_to(session.dir).as_posix(), "log")
+                 for p in sorted(session.supervisor.logs_dir.glob("*.log"))
+                 if p.stem in {plan.id for plan in session.plans}]
+        report["files"] = [f.__dict__ for f in files]
+        record_dir = session.dir / self.config.name
+        record_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(record_dir / WORKER_RECORD, {
+            "worker": self.config.name, "host": self.config.interface, "session": session.name,
+            "cpcli_version": __version__, **{k: v for k, v in report.items() if k != "session"}})
+        session.final = report
+        session.phase = "finished"
+        self._send(m.STATE, report)
+        failed = [n for n, s in session.supervisor.nodes.items() if s.state == NodeState.FAILED]
+        self._announce(f"session {session.name}: finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+    def _forget_old_sessions(self) -> None:
+        finished = [n for n, s in self._sessions.items() if s.phase == "finished"]
+        for name in finished[:-KEEP_FINISHED]:
+            del self._sessions[name]
+
