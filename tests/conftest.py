@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,11 @@ if str(PLUGIN_DIR) not in sys.path:  # the test plugin is found through its dist
     sys.path.insert(0, str(PLUGIN_DIR))
 _paths = (str(PLUGIN_DIR), os.environ.get("PYTHONPATH"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in _paths if p)  # node processes find the plugin too
+# `cp manager` notes itself in the runtime folder so `cp run` on its machine finds it; the tests get a
+# folder of their own, so a manager a developer runs on this machine never takes over their `cp run`.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cpcli-tests-run-")
+for _name in ("CP_MANAGER", "CP_INTERFACE", "CP_CLUSTER_TIMING"):
+    os.environ.pop(_name, None)
 
 SHM_DIR = Path("/dev/shm")
 LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns

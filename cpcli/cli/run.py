@@ -72,7 +72,8 @@ class _Reporter:
 def run_command(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="The recipe YAML file."),
     duration: str = typer.Option(None, "--duration", "-d", help="Stop after this long: 30, 30s, 5m, 1h."),
-    out: Path = typer.Option(Path("sessions"), "--out", "-o", help="Folder that holds session folders."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder that holds session folders (runs here; default "
+                             "sessions). On a cluster the manager's --data decides."),
     session: str = typer.Option(None, "--session", help="Session folder name (default: UTC time + recipe name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
     min_free: str = typer.Option("1GiB", "--min-free", help="Stop recording cleanly below this free space: 1GiB, 2%."),
@@ -91,9 +92,14 @@ def run_command(
     registry = load_registry()
     loaded = load_recipe(recipe, registry)
     stop, interrupted = StopControl(), [False]
-    options = RunOptions(out_dir=out, session_name=session, duration_s=duration_s, min_free=margin)
+    options = RunOptions(out_dir=out or Path("sessions"), session_name=session, duration_s=duration_s,
+                         min_free=margin)
     timing = timing_from_env()
     address = None if local else locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
+    if address is not None and out is not None:
+        raise CpError(f"--out {out} applies to runs on this machine, but a manager was found at {address}: the "
+                      "cluster records into the manager's and workers' --data folders",
+                      hint="drop --out, or pass --local to run here only")
     if address is None:
         _check_local_placement(loaded, options)
     live = Live(console=err_console, refresh_per_second=4, transient=True) if (
