@@ -332,7 +332,7 @@ def test_nodes_as_a_list_gets_a_hint(registry: Registry) -> None:
 
 def test_unknown_top_level_key_suggests_the_closest(registry: Registry) -> None:
     problems = problems_of("name: r\nnode:\n  a: {type: test_video}\n", registry)
-    assert "demo.yaml:2: unknown key 'node'; did you mean 'nodes'? (allowed: name, description, nodes)" in problems
+    assert "demo.yaml:2: unknown key 'node'; did you mean 'nodes'? (allowed: name, description, on_worker_lost, nodes)" in problems
 
 
 @pytest.mark.parametrize("name", ["my study", "../escape", "-dash-first", "a/b"])
@@ -791,3 +791,11 @@ def test_file_that_is_not_utf8_names_the_line(registry: Registry, tmp_path: Path
     with pytest.raises(RecipeError) as caught:
         load_recipe(path, registry)
     assert caught.value.problems == [f"{path}:3: not UTF-8 text (byte 0xe9); save the recipe as UTF-8"]
+
+
+def test_on_worker_lost_is_continue_or_stop(registry: Registry) -> None:
+    text = "name: r\non_worker_lost: {}\nnodes:\n  a: {{type: test_video}}\n"
+    assert parse_recipe(text.format("stop"), registry).on_worker_lost == "stop"
+    assert parse_recipe("name: r\nnodes:\n  a: {type: test_video}\n", registry).on_worker_lost == "continue"
+    assert only_problem(text.format("maybe"), registry) == \
+        "demo.yaml:2: on_worker_lost must be continue or stop, got str 'maybe'"
