@@ -114,6 +114,9 @@ def test_worker_killed_is_lost_quickly_and_the_others_keep_recording(lab: Lab, t
     # the downstream node of the lost source kept running and reports what it received: no drops
     gray_b = manifest["nodes"]["gray_b"]
     assert gray_b["state"] == "done" and gray_b["stats"]["dropped_in"] == {"cam_b": 0}
+    lost_at = manifest["lost_workers"]["w3"]["lost_at_ns"]
+    assert gray_b["inputs_lost"] == {"cam_b": {"worker": "w3", "lost_at_ns": lost_at}}
+    assert "worker w3 (cam_b) was lost at" in run.text()
     session = result["session_dir"].rsplit("/", 1)[1]
     _check_continuous(cluster.data("w2") / session / "w2" / "cam_a" / "video.timestamps.csv", 7 * FPS)
     # the killed worker's node closed its recording when its worker died: what it recorded is readable

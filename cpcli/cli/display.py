@@ -12,7 +12,7 @@ from cpcli.units import format_bytes, format_duration
 
 _STATE_STYLE = {
     NodeState.RUNNING: "green", NodeState.READY: "cyan", NodeState.DONE: "green",
-    NodeState.FAILED: "bold red", NodeState.STOPPING: "yellow",
+    NodeState.FAILED: "bold red", NodeState.STOPPING: "yellow", NodeState.LOST: "bold red",
 }
 
 
@@ -28,13 +28,17 @@ def _node_row(node: NodeStatus) -> list[str | Text]:
 
 
 def nodes_table(nodes: dict[str, NodeStatus], title: str | None = None) -> Table:
+    """One row per node; a `worker` column when the nodes run on more than one machine."""
+    spread = len({n.worker for n in nodes.values()}) > 1
     table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
-    for header, justify in (("node", "left"), ("type", "left"), ("state", "left"), ("out", "right"),
-                            ("rate Hz", "right"), ("in", "right"), ("latency ms p50/p99", "right"),
-                            ("recorded", "right")):
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for header, justify in (("node", "left"), ("type", "left"), ("worker", "left"), ("state", "left"),
+                            ("out", "right"), ("rate Hz", "right"), ("in", "right"),
+                            ("latency ms p50/p99", "right"), ("recorded", "right")):
+        if header != "worker" or spread:
+            table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for node in nodes.values():
-        table.add_row(*_node_row(node))
+        row = _node_row(node)
+        table.add_row(*(row[:2] + [node.worker] + row[2:] if spread else row))
     return table
 
 

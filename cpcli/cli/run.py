@@ -141,9 +141,12 @@ def run_command(
                 else "")
         kept = "its recordings are complete" if what.get("finished") else \
             "its nodes kept recording there; their files stay on that machine until `cp collect`"
+        fed = sorted(n for n, v in result.manifest["nodes"].items()
+                     if any(i.get("worker") == worker for i in (v.get("inputs_lost") or {}).values()))
+        gap = f"; {', '.join(fed)} received nothing from it after that" if fed else ""
         err_console.print("[yellow]warning:[/yellow] ", end="")
         err_console.print(f"worker {worker} ({', '.join(nodes)}) was lost at {what['lost_at_ns'] / 1e9:.1f} s"
-                          f"{back}; {kept}", markup=False)
+                          f"{back}; {kept}{gap}", markup=False)
     if unfinished and not (result.failures or result.error):
         return 1
     if result.error:

@@ -317,7 +317,8 @@ class Manager:
             self.router.send(entry.identity, m.PREPARE, {"session": session.name, "nodes": session.on(worker),
                                                          "timing": session.timing, "options": session.options})
         self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
-        self._announce(f"session {session.name}: {len(session.nodes)} nodes on {', '.join(session.workers)}")
+        count = f"{len(session.nodes)} node{'s' if len(session.nodes) != 1 else ''}"
+        self._announce(f"session {session.name}: {count} on {', '.join(session.workers)}")
 
     def _new_session(self, peer: bytes, body: dict[str, Any]) -> ClusterSession:
         if self.session is not None and self.session.phase != "finished":
@@ -435,6 +436,10 @@ class Manager:
             session.next_progress = now + self.config.timing.progress_s
             self.router.send(session.client, m.PROGRESS, self._progress(session))
 
+    @staticmethod
+    def _worker_of(session: ClusterSession, node_id: str) -> str:
+        return next(str(n["worker"]) for n in session.nodes if n["id"] == node_id)
+
     def _lost_now(self, session: ClusterSession) -> set[str]:
         return {w for w in session.workers if self.workers.get(w) is None or self.workers[w].state == LOST}
 
@@ -477,10 +482,13 @@ class Manager:
 
     def _node_view(self, session: ClusterSession) -> dict[str, Any]:
         view = {}
+        lost = self._lost_now(session)
         for node in session.nodes:
             status = dict(session.statuses.get(node["id"]) or {"id": node["id"], "type": node["type"],
                                                                "state": "starting"})
             status["worker"] = node["worker"]
+            if node["worker"] in lost and status.get("state") not in ("done", "failed"):
+                status["state"] = LOST
             view[node["id"]] = status
         return view
 
@@ -550,6 +558,11 @@ class Manager:
                       "files": files, "state": state, "info": dict(status.get("info") or {})}
             if status.get("error"):
                 record["error"] = status["error"]
+            gone = {i[1]: session.lost[w] for i in node["inputs"]
+                    if (w := self._worker_of(session, i[1])) in session.lost and w not in session.finished}
+            if gone:  # fed by a machine that was lost: what it received stops there
+                record["inputs_lost"] = {source: {"worker": self._worker_of(session, source), "lost_at_ns": t}
+                                         for source, t in gone.items()}
             nodes[node["id"]] = record
         failed = session.failures or session.error or any(n["state"] == "failed" for n in nodes.values())
         unfinished = [w for w in session.workers if w not in session.finished]

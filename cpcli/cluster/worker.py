@@ -287,7 +287,7 @@ class WorkerAgent:
             self._send(m.FAILED, {"session": name, "message": session.error})
             self._begin_stop(session)
             return
-        self._announce(f"session {name}: starting {len(plans)} nodes ({', '.join(p.id for p in plans)})")
+        self._announce(f"session {name}: starting {', '.join(p.id for p in plans)}")
         self._forget_old_sessions()
 
     def _resolve(self, data: dict[str, Any]) -> NodePlan:
