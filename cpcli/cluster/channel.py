@@ -16,7 +16,7 @@ import zmq
 
 from cpcli.cluster.messages import REFUSED, VersionMismatch, check
 from cpcli.errors import TransportError
-from cpcli.transport.protocol import pack_object, unpack_object
+from cpcli.transport.protocol import PROTOCOL_VERSION, pack_object, unpack_object
 
 MAX_MESSAGE_BYTES = 4 << 20  # a recipe of hundreds of nodes is far below this
 HWM = 10_000  # control messages are small; this only bounds a runaway peer
@@ -63,7 +63,8 @@ class Router:
             self.socket.close()
             hint = "another manager runs here? pick another --port" if err.errno == zmq.EADDRINUSE else (
                 "pass --interface with an address of this machine")
-            raise TransportError(f"cannot listen on {host}:{port} ({err.strerror})", hint=hint) from err
+            # zmq.strerror: pyzmq's err.strerror repeats the address the message already names
+            raise TransportError(f"cannot listen on {host}:{port} ({zmq.strerror(err.errno)})", hint=hint) from err
         self.host, self.port = host, port
         self._logged: set[bytes] = set()
         self.dropped = 0  # malformed messages dropped so far
@@ -78,15 +79,22 @@ class Router:
             peer = frames[0]
             try:
                 command, body = _decode(frames[1:])
+            except VersionMismatch as err:  # another cpcli release: tell it why, in its own terms
+                self._drop(peer, f"refused a peer speaking another protocol version: {err.message}")
+                self.send(peer, REFUSED, {"message": f"this manager speaks control protocol {PROTOCOL_VERSION}, "
+                                                     f"not {err.theirs} (another cpcli release)",
+                                          "hint": err.hint or ""})
+                continue
             except TransportError as err:
-                self.dropped += 1
-                if peer not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
-                    self._logged.add(peer)
-                    self._log.warning("dropped a malformed control message from peer %s: %s", peer.hex()[:16], err)
-                if isinstance(err, VersionMismatch):  # another cpcli release: tell it why
-                    self.send(peer, REFUSED, {"message": err.message, "hint": err.hint or ""})
+                self._drop(peer, f"dropped a malformed control message: {err.message}")
                 continue
             return peer, command, body
+
+    def _drop(self, peer: bytes, what: str) -> None:
+        self.dropped += 1
+        if peer not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
+            self._logged.add(peer)
+            self._log.warning("%s (peer %s)", what, peer.hex()[:16])
 
     def send(self, peer: bytes, command: bytes, body: dict[str, Any]) -> bool:
         """Send to one peer; False when it is not connected (any more) or not reading."""

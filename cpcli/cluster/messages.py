@@ -64,22 +64,56 @@ SCHEMAS: dict[bytes, _Fields] = {
     RESULT: {"session": str, "manifest": dict},
     STATUS_REPLY: {"manager": dict, "workers": list},
 }
+# Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
+# missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
+OPTIONAL: dict[bytes, _Fields] = {
+    REGISTER: {"resources": dict},
+    BEAT: {"resources": dict},
+    WELCOME: {"known_sessions": list},
+    REFUSED: {"hint": str, "reregister": bool},
+    FAILED: {"hint": str},
+    RUN: {"session_name": str, "on_worker_lost": str, "timing": dict},
+    PROGRESS: {"lost": list},
+    RESULT: {"failures": dict, "error": str, "interrupted": bool, "lost": dict},
+}
 COMMANDS = frozenset(SCHEMAS)
 
 
 def check(command: bytes, body: dict[str, Any]) -> None:
-    """Raise TransportError unless `body` has every field `command` needs, of the right type."""
+    """Raise TransportError unless `body` has every field `command` needs, of the right type.
+
+    The version comes first: a peer of another release may name its fields differently, and deserves
+    to hear that rather than which field it lacks. Optional fields are checked when present, and a
+    RUN's timing and duration must be numbers: the manager computes with them every turn.
+    """
     schema = SCHEMAS.get(command)
     if schema is None:
         raise TransportError(f"unknown command {command[:32]!r}")
+    version = body.get("v")
+    if "v" in schema and type(version) is int and version != PROTOCOL_VERSION:
+        raise VersionMismatch(version)
     for name, kind in schema.items():
         if name not in body:
             raise TransportError(f"{command.decode()} without {name!r}")
-        value = body[name]
-        if isinstance(value, bool) and kind is int or not isinstance(value, kind):
-            raise TransportError(f"{command.decode()} field {name!r} is a {type(value).__name__}")
-    if "v" in schema and body["v"] != PROTOCOL_VERSION:
-        raise VersionMismatch(int(body["v"]))
+        _check_type(command, name, body[name], kind)
+    for name, kind in OPTIONAL.get(command, {}).items():
+        if body.get(name) is not None:
+            _check_type(command, name, body[name], kind)
+    if command == RUN:
+        duration = body["options"].get("duration_s")
+        if duration is not None and not _is_number(duration):
+            raise TransportError(f"RUN option 'duration_s' is a {type(duration).__name__}")
+        if not all(_is_number(v) for v in dict(body.get("timing") or {}).values()):
+            raise TransportError("RUN field 'timing' holds something other than numbers")
+
+
+def _check_type(command: bytes, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) and kind is int or not isinstance(value, kind):
+        raise TransportError(f"{command.decode()} field {name!r} is a {type(value).__name__}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class VersionMismatch(TransportError):
