@@ -151,3 +151,26 @@ def test_placement_on_another_machine_needs_a_manager(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "nodes cam (worker lab-07) are placed on other machines, but no manager was found" in result.stderr
     assert not (tmp_path / "sessions").exists()
+
+
+def test_killed_cp_run_stops_the_session_in_order(manager: LocalManager, tmp_path: Path) -> None:
+    run = subprocess.Popen([sys.executable, "-m", "cpcli", "run", DEMO], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for(manager.log, r"\[local worker\] session \S+: recording", 30)
+        time.sleep(1.0)
+        run.kill()
+        run.wait(5)
+        killed = time.monotonic()
+        name = _wait_for(manager.log, r"session (\S+): complete", 20).group(1)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+    assert time.monotonic() - killed < 3 * 0.75 + 2 + 5  # lost after 3 beats, then the nodes drain and close
+    session = manager.data / name
+    manifest = json.loads((session / "manifest.json").read_text())
+    assert manifest["nodes"]["cam"]["state"] == "done" and manifest["nodes"]["cam"]["stats"]["samples_out"] >= 30
+    events = [json.loads(line) for line in (session / "events.jsonl").open()]
+    assert any(e["event"] == "client_lost" for e in events)
+    assert any(e["event"] == "session_stopping" and "is gone" in e["reason"] for e in events)

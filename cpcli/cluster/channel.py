@@ -73,28 +73,32 @@ class Router:
         """One waiting valid message as (peer, command, body), or None when none waits."""
         while True:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
-            peer = frames[0]
+            peer, frames = parts[0].bytes, [p.bytes for p in parts[1:]]
             try:
-                command, body = _decode(frames[1:])
+                command, body = _decode(frames)
             except VersionMismatch as err:  # another cpcli release: tell it why, in its own terms
-                self._drop(peer, f"refused a peer speaking another protocol version: {err.message}")
+                self._drop(peer, parts[-1], f"refused a peer of another cpcli release: {err.message}")
                 self.send(peer, REFUSED, {"message": f"this manager speaks control protocol {PROTOCOL_VERSION}, "
                                                      f"not {err.theirs} (another cpcli release)",
                                           "hint": err.hint or ""})
                 continue
             except TransportError as err:
-                self._drop(peer, f"dropped a malformed control message: {err.message}")
+                self._drop(peer, parts[-1], f"dropped a malformed control message: {err.message}")
                 continue
             return peer, command, body
 
-    def _drop(self, peer: bytes, what: str) -> None:
+    def _drop(self, peer: bytes, frame: zmq.Frame, what: str) -> None:
         self.dropped += 1
         if peer not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
             self._logged.add(peer)
-            self._log.warning("%s (peer %s)", what, peer.hex()[:16])
+            try:
+                source = f"{frame.get('Peer-Address')}, "  # the sender's IP, which a person can look up
+            except zmq.ZMQError:
+                source = ""
+            self._log.warning("%s (from %speer %s)", what, source, peer.hex()[:16])
 
     def send(self, peer: bytes, command: bytes, body: dict[str, Any]) -> bool:
         """Send to one peer; False when it is not connected (any more) or not reading."""
