@@ -53,6 +53,7 @@ def test_worker_finds_the_manager_over_mdns_with_no_address(lab: Lab, tmp_path: 
     assert names["w2"]["host"] == lab.ip(2) and names["w2"]["state"] == "ready"
     assert names["w2"]["cpu_count"] >= 1 and names["w2"]["disk_free"] > 0 and names["w2"]["memory_total"] > 0
     assert "test_video" in names["w2"]["node_types"]
+    assert all(set(d) == {"kind", "device", "name", "types"} for d in names["w2"]["devices"])
     # cp status finds the manager over mDNS too, given only the interface
     found = cluster.cp(2, "status", "--json", "--interface", lab.ip(2), timeout_s=20)
     assert found.returncode == 0, found.stderr

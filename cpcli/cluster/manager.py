@@ -61,12 +61,14 @@ class WorkerEntry:
     node_types: list[str]
     resources: dict[str, Any]
     last_heard: float
+    devices: list[dict[str, Any]] = field(default_factory=list)
     state: str = "ready"  # ready | running | lost
     lost_at: float | None = None
 
     def public(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "state": self.state, "version": self.version,
                 "last_heartbeat_s": round(now - self.last_heard, 3), "node_types": self.node_types,
+                "devices": self.devices,
                 **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
                                                        "memory_available", "disk_free")}}
 
@@ -226,7 +228,7 @@ class Manager:
             self._by_identity.pop(current.identity, None)
         entry = WorkerEntry(name, peer, str(body["instance"]), str(body["host"]), str(body["version"]),
                             [str(t) for t in body["node_types"]], dict(body.get("resources") or {}),
-                            time.monotonic())
+                            time.monotonic(), [d for d in body.get("devices") or [] if isinstance(d, dict)])
         was_lost = current is not None and current.state == LOST
         self.workers[name] = entry
         self._by_identity[peer] = name

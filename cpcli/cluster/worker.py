@@ -25,6 +25,7 @@ from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Dealer
 from cpcli.cluster.machine import resources
 from cpcli.cluster.timing import ClusterTiming
+from cpcli.devices import list_devices
 from cpcli.errors import CpError
 from cpcli.registry import Registry
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
@@ -97,6 +98,7 @@ class WorkerAgent:
         self._reconnect_at = 0.0
         self._sessions: dict[str, _Session] = {}
         self.manager_name = ""
+        self._devices = _devices(registry, self._log)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -157,7 +159,7 @@ class WorkerAgent:
         sessions = [s.report() for s in self._sessions.values() if not s.final_acked]
         return {"v": PROTOCOL_VERSION, "name": self.config.name, "instance": self._instance,
                 "host": self.config.interface, "version": __version__,
-                "node_types": sorted(self._registry.types), "sessions": sessions,
+                "node_types": sorted(self._registry.types), "devices": self._devices, "sessions": sessions,
                 "resources": resources(self.config.data_dir)}
 
     def _keep_in_touch(self) -> None:
@@ -373,3 +375,11 @@ class WorkerAgent:
         for name in finished[:-KEEP_FINISHED]:
             del self._sessions[name]
 
+
+def _devices(registry: Registry, log: logging.Logger) -> list[dict[str, Any]]:
+    """The cameras, microphones and speakers of this machine, as the manager shows them."""
+    listed, warnings = list_devices(registry)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return [{"kind": d.kind, "device": d.device, "name": d.name, "types": list(types)}
+            for devices in listed.values() for d, types in devices]
