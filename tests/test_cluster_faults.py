@@ -182,3 +182,27 @@ def test_manager_killed_and_restarted_mid_session_loses_nothing(lab: Lab, tmp_pa
     _check_continuous(cluster.data("w2") / session_dir.name / "w2" / "cam" / "video.timestamps.csv", 13 * FPS)
     events = [json.loads(line)["event"] for line in (session_dir / "events.jsonl").read_text().splitlines()]
     assert "manager_restarted" in events and events[-1] == "session_stopped"
+
+
+def test_worker_back_after_the_end_completes_the_manifest(lab: Lab, tmp_path: Path) -> None:
+    cluster = ClusterLab(lab, tmp_path)
+    address = f"{lab.ip(1)}:{PORT}"
+    manager = cluster.manager(1, "m1", "--no-local-worker")
+    worker = cluster.worker(2, "w2", "--manager", address)
+    run = _run(cluster, 1, cluster.recipe(ONE_CAMERA), "6s", address)
+    worker.wait_for(": recording", 20)
+    time.sleep(1.0)
+    lab.link_down(2)
+    result = _result(run, 30)  # the session ends while w2 is cut off: it finishes on its own
+    assert result["exit_code"] == 1
+    session_dir = Path(result["session_dir"])
+    manifest = json.loads((session_dir / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and not manifest["lost_workers"]["w2"]["finished"]
+    worker.wait_for(": finished", 10)
+    lab.link_up(2)
+    manager.wait_for("worker w2 reported its recordings after the end; manifest updated (complete)", 15)
+    manifest = json.loads((session_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["lost_workers"]["w2"]["finished"]
+    cam = manifest["nodes"]["cam"]
+    assert cam["state"] == "done" and cam["stats"]["samples_out"] >= 5 * FPS and len(cam["files"]) >= 6
+    _check_continuous(cluster.data("w2") / session_dir.name / "w2" / "cam" / "video.timestamps.csv", 5 * FPS)

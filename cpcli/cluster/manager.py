@@ -297,6 +297,12 @@ class Manager:
             session.rejoined[name] = session.t_ns()
             self._event(session, "worker_rejoined", worker=name)
         self._state(session, name, report)
+        if session.phase == "finished" and report.get("phase") == "finished":
+            self._event(session, "worker_reported_late", worker=name)
+            manifest = self._write_record(session)
+            self._announce(f"session {session.name}: worker {name} reported its recordings after the end; "
+                           f"manifest updated ({manifest['status']})")
+            return
         if session.phase in ("stopping",) and report.get("phase") != "finished":
             self.router.send(self.workers[name].identity, m.STOP, {"session": session.name})
 
@@ -497,25 +503,13 @@ class Manager:
     # -- the end -----------------------------------------------------------------------------
 
     def _finalize(self, session: ClusterSession) -> None:
-        for report in session.finished.values():
-            for node_id, status in dict(report.get("nodes") or {}).items():
-                if isinstance(status, dict):
-                    session.statuses[node_id] = status
         lost = self._lost_now(session)
         for worker in session.workers:
             if worker not in session.finished and worker not in lost:
                 self._event(session, "worker_unfinished", worker=worker)
-        manifest = self._manifest(session, lost)
         session.phase = "finished"
         self._event(session, "session_stopped", recorded=session.start_ns is not None)
-        if self._events is not None:
-            self._events.close()
-            self._events = None
-        events = session.dir / "events.jsonl"
-        if events.exists():
-            manifest["files"].append(file_record(events, "events.jsonl", "events").__dict__)
-        write_manifest(session.dir, manifest)
-        self._persist(session)
+        manifest = self._write_record(session)
         for worker in session.workers:
             entry = self.workers.get(worker)
             if entry is not None and entry.state == "running":
@@ -527,6 +521,23 @@ class Manager:
         if session.client:
             self.router.send(session.client, m.RESULT, result)
         self._announce(f"session {session.name}: {manifest['status']}")
+
+    def _write_record(self, session: ClusterSession) -> dict[str, Any]:
+        """Write the manifest from what the workers reported (again when a lost one reports late)."""
+        for report in session.finished.values():
+            for node_id, status in dict(report.get("nodes") or {}).items():
+                if isinstance(status, dict):
+                    session.statuses[node_id] = status
+        manifest = self._manifest(session, self._lost_now(session) - set(session.finished))
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        events = session.dir / "events.jsonl"
+        if events.exists():
+            manifest["files"].append(file_record(events, "events.jsonl", "events").__dict__)
+        write_manifest(session.dir, manifest)
+        self._persist(session)
+        return manifest
 
     def _manifest(self, session: ClusterSession, lost: set[str]) -> dict[str, Any]:
         started = session.start_ns is not None
