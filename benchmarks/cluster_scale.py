@@ -5,6 +5,7 @@ Run as root, as a plain script (not a pytest test):
     python benchmarks/cluster_scale.py              # about 1.5 minutes
     python benchmarks/cluster_scale.py --json
     python benchmarks/cluster_scale.py --workers 4  # smoke run: figures printed, no verdict
+    python benchmarks/cluster_scale.py --wait-quiet 60  # first wait (<= 60 s) for a machine < 20 % busy
 
 The lab is `tests/lab.py`'s `Lab` (network namespaces on one bridge, 198.18.0.0/24; nothing
 leaves them) and `tests/cluster.py`'s `ClusterLab` (`python -m cpcli ...` inside a host, output
@@ -13,10 +14,13 @@ in a log file). Host 1 runs `cp manager --no-local-worker`, hosts 2..17 one `cp 
 The lab (namespaces, every process in them) is torn down on every exit path, SIGTERM included.
 All times are this machine's monotonic clock, which every namespace shares.
 
-1. join: from just before the 16 worker processes are launched until a `cp status --json`
-   (run again and again on host 1, one at a time) lists all 16 `ready`; the figure is when that
-   call returned. Each worker's log is read every 20 ms: when it printed "found manager" (mDNS
-   done) and "joined manager" (registered), and the CPU time it had used by then.
+1. join: from just before the 16 worker processes are launched until a `cp status --json` on
+   host 1 lists all 16 `ready`; the figure is when that call returned. Each worker's log is read
+   every 20 ms: when it printed "found manager" (mDNS done) and "joined manager" (registered), and
+   the CPU time it had used by then. `cp status` is launched once every log says "joined" (and
+   again until it lists them all): polling it from the launch would take 0.4-0.5 CPU s per call
+   from the workers it is timing, on a 2-core machine. So the figure is an upper bound: the last
+   "joined manager" line + one `cp status` (both printed).
 2. 64 nodes: per worker `cam` (test_video 64x48 at 10 Hz) -> `gray` (grayscale) -> `sink`
    (discard), and `remote` (discard) reading the next worker's `cam` (data across hosts).
    `cp run --duration 5s --json` is launched on host 1; launch -> session start =
@@ -67,6 +71,7 @@ TRACE_S = 0.25  # the manager-view poller's interval
 JOIN_LIMIT_S = 90.0  # launch -> all joined, at most (far beyond any target: something is broken)
 RUN_LIMIT_S = 180.0  # `cp run` launch -> exit, at most (its nodes' ready timeout is 30 s)
 STATUS_LIMIT_S = 30.0  # one `cp status`
+SETTLED_CPU_S = 0.02  # a node process that used less than this until the start was done starting
 SETTLE_S = 3.0  # after the join, before the idle window: registration work and the status calls end
 DEFAULT_IDLE_WINDOW_S = 20.0
 HELPER_START_S = 30.0  # the trace helper's first line, at most
@@ -193,6 +198,7 @@ class JoinResult:
     last_joined_s: float | None
     workers: list[WorkerJoin]
     status_calls: list[StatusCall]
+    load: dict[str, float]  # launch -> all ready: this benchmark (the lab) vs everything else
 
 
 def _status_ready(path: Path, names: set[str]) -> int:
@@ -206,6 +212,7 @@ def _status_ready(path: Path, names: set[str]) -> int:
 def measure_join(lab: Lab, cluster: ClusterLab, work: Path, names: list[str], address: str
                  ) -> tuple[JoinResult, list[Proc]]:
     c.log(f"1. launching {len(names)} workers (mDNS, no --manager) ...")
+    load = c.Load().start()
     t0 = time.monotonic()
     procs = [cluster.worker(i + 2, name, wait=False) for i, name in enumerate(names)]
     launched = time.monotonic() - t0
@@ -232,31 +239,32 @@ def measure_join(lab: Lab, cluster: ClusterLab, work: Path, names: list[str], ad
                     cpu[name] = _cpu_s(proc.pid)
                 if proc.popen.poll() is not None:
                     raise RuntimeError(f"worker {name} exited ({proc.popen.returncode}):\n{proc.text()}")
-            if status is None:
+            if status is None and len(cpu) == len(names):  # every worker says it joined: confirm
                 with open(status_out, "wb") as out:
                     status_launched = time.monotonic() - t0
                     status = lab.run(1, [sys.executable, "-m", "cpcli", "status", "--json", "--manager", address],
                                      stdout=out, stderr=subprocess.DEVNULL, env=cluster.env, cwd=work)
-            elif status.poll() is not None:
+            elif status is not None and status.poll() is not None:
                 call = StatusCall(status_launched, time.monotonic() - t0,
                                   _status_ready(status_out, set(names)), status.returncode)
                 calls.append(call)
                 status = None
                 if call.ready == len(names):
                     all_ready = call
-            elif time.monotonic() - t0 - status_launched > STATUS_LIMIT_S:
+            elif status is not None and time.monotonic() - t0 - status_launched > STATUS_LIMIT_S:
                 raise RuntimeError(f"`cp status` did not return within {STATUS_LIMIT_S:g} s")
             time.sleep(LOG_POLL_S)
     finally:
         if status is not None and status.poll() is None:  # ours, by its pid
             status.kill()
             status.wait(5)
+    machine = load.stop()
     joins = [WorkerJoin(name, lab.ip(i + 2), watches[name].seen.get("found manager"),
                         watches[name].seen.get("joined manager"), cpu.get(name, float("nan")))
              for i, name in enumerate(names)]
     joined = [j.joined_s for j in joins if j.joined_s is not None]
     return JoinResult(launched, all_ready.returned_s, all_ready.launched_s, max(joined) if joined else None,
-                      joins, calls), procs
+                      joins, calls, machine), procs
 
 
 # -- 3. manager idle -------------------------------------------------------------------------------
@@ -363,14 +371,10 @@ class RunResult:
     node_cpu_to_start_s: float  # sum over node processes
     worker_cpu_to_start_s: float  # the worker processes' own CPU, launch -> session start
     manager_cpu_to_start_s: float
-    machine_busy_pct: float  # launch -> session start, all CPUs = 100 %
+    load: dict[str, float]  # launch -> the first worker's "recording" line (about the session start)
+    settled_s: list[float]  # launch -> each node process's CPU went flat until the start (done starting)
     nodes_detail: list[NodeStart] = field(default_factory=list)
     trace: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _jiffies() -> tuple[int, int]:
-    fields_ = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields_[:8]), fields_[3] + fields_[4]
 
 
 def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, workers: list[Proc], names: list[str],
@@ -395,14 +399,15 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
     worker_pids = {w.pid: n for n, w in zip(names, workers, strict=True)}
     spawned: dict[int, tuple[str, float]] = {}  # node process pid -> (node id, monotonic start)
     cpu_at: dict[int, list[tuple[float, float]]] = {}  # pid -> (monotonic, cpu s) samples
-    own_at: list[tuple[float, float, float, int, int]] = []  # (t, workers cpu, manager cpu, total, idle jiffies)
+    own_at: list[tuple[float, float, float]] = []  # (monotonic, workers' cpu s, manager's cpu s)
+    load_to_start: dict[str, float] = {}
     with open(run_out, "wb") as out, open(run_err, "wb") as err:
         launch_ns = time.monotonic_ns()
-        jiffies0 = _jiffies()
+        load = c.Load().start()
         run = lab.run(1, [sys.executable, "-m", "cpcli", "run", str(recipe), "--duration", f"{RUN_DURATION_S}s",
                           "--json", "--manager", address], stdout=out, stderr=err, env=cluster.env, cwd=work)
     launch = launch_ns / 1e9
-    own_at.append((launch, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid), *jiffies0))
+    own_at.append((launch, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid)))
     deadline = launch + RUN_LIMIT_S
     next_scan = 0.0
     try:
@@ -412,6 +417,8 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                 raise RuntimeError(f"`cp run` did not end within {RUN_LIMIT_S:g} s; see {run_err}")
             for watch in watches.values():
                 watch.poll(now - launch)
+            if not load_to_start and any(": recording" in w.seen for w in watches.values()):
+                load_to_start = load.stop()
             if now >= next_scan:
                 next_scan = now + SCAN_S
                 for pid in worker_pids:
@@ -422,7 +429,7 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                 for pid in spawned:
                     if (times := _proc_times(pid)) is not None:
                         cpu_at.setdefault(pid, []).append((now, times[1]))
-                own_at.append((now, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid), *_jiffies()))
+                own_at.append((now, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid)))
             time.sleep(LOG_POLL_S)
         code = run.wait(5)
     finally:
@@ -455,14 +462,17 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
     detail: list[NodeStart] = []
     sinks: dict[str, float | None] = {}
     corrected: dict[str, float] = {}
+    settled: list[float] = []
     for name in names:
         for node_id in [n for n, v in nodes.items() if v["worker"] == name]:
             v = nodes[node_id]
             node_pid = pid_of.get(node_id)
-            before = [cpu for t, cpu in cpu_at.get(node_pid, []) if t <= start] if node_pid else []
+            before = [(t, cpu) for t, cpu in cpu_at.get(node_pid, []) if t <= start] if node_pid else []
+            if before:  # the first sample from which its CPU stays flat until the start: done starting
+                settled.append(next(t for t, cpu in before if before[-1][1] - cpu <= SETTLED_CPU_S) - launch)
             first = v["stats"].get("first_in_ns")
             detail.append(NodeStart(node_id, v["type"], name, spawned[node_pid][1] - launch if node_pid else None,
-                                    before[-1] if before else None, None if first is None else first / 1e9))
+                                    before[-1][1] if before else None, None if first is None else first / 1e9))
             if v["type"] == "discard":
                 sinks[node_id] = None if first is None else first / 1e9
                 seen = watches[name].seen.get(": recording")
@@ -472,7 +482,6 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
     last = max(got, key=lambda n: got[n]) if got else ""
     at_start = [s for s in own_at if s[0] <= start] or own_at[:1]
     first_s, last_s = own_at[0], at_start[-1]
-    total, idle = last_s[3] - first_s[3], last_s[4] - first_s[4]
     trace_lines = []
     if trace:
         for line in trace_out.read_text().splitlines():
@@ -494,7 +503,7 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
         dropped_in=sum(sum(v["stats"].get("dropped_in", {}).values()) for v in nodes.values()),
         node_cpu_to_start_s=sum(d.cpu_to_start_s or 0.0 for d in detail),
         worker_cpu_to_start_s=last_s[1] - first_s[1], manager_cpu_to_start_s=last_s[2] - first_s[2],
-        machine_busy_pct=100.0 * (total - idle) / total if total > 0 else float("nan"),
+        load=load_to_start, settled_s=settled,
         nodes_detail=detail, trace=trace_lines)
 
 
@@ -545,7 +554,8 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
                f"{_minmax(cpu)} CPU s to get there, {sum(cpu):.1f} CPU s in all = {sum(cpu) / ncpu:.1f} s of this "
                f"machine's {ncpu} cores")
     calls = ", ".join(f"{k.launched_s:.2f}->{k.returned_s:.2f} s: {k.ready} ready" for k in join.status_calls)
-    out.append(f"`cp status --json` calls (launched->returned, ready among ours): {calls}")
+    out.append(f"`cp status --json` (launched once every log said joined; launched->returned, ready): {calls}")
+    out.append(c.describe_load("machine from launch to all ready", join.load))
     out.append("")
     if run is not None:
         width, height, rate_hz = VIDEO
@@ -558,6 +568,7 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
             ("RUN reached the manager (session folder created)", _s(run.run_received_s)),
             ("workers' \"starting N nodes\" lines (PREPARE handled)", _minmax(prep)),
             (f"node processes started ({len(spawns)} seen)", _minmax(spawns)),
+            ("node processes done starting (their CPU flat from then until the start)", _minmax(run.settled_s)),
             ("manager's view: every node bound (publishers listening; CONNECT follows)", _s(run.all_bound_s)),
             ("manager's view: every node ready", _s(run.all_ready_s)),
             ("session_started (manifest clock.start_cluster_ns)", _s(run.session_started_s)),
@@ -576,8 +587,9 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
         total = run.node_cpu_to_start_s + run.worker_cpu_to_start_s + run.manager_cpu_to_start_s
         out.append(f"CPU from launch to session start: node processes {run.node_cpu_to_start_s:.1f} s (mean per "
                    f"process: {per_type}), workers {run.worker_cpu_to_start_s:.1f} s, manager "
-                   f"{run.manager_cpu_to_start_s:.2f} s; {total:.1f} CPU s = {total / ncpu:.1f} s of {ncpu} cores; "
-                   f"machine {run.machine_busy_pct:.0f} % busy in that window")
+                   f"{run.manager_cpu_to_start_s:.2f} s; {total:.1f} CPU s = {total / ncpu:.1f} s of {ncpu} cores")
+        if run.load:
+            out.append(c.describe_load("machine from launch to the first \"recording\" line", run.load))
         if run.sinks_without_sample:
             out.append(f"sinks that never received a sample: {', '.join(run.sinks_without_sample)}")
         out.append("")
@@ -599,6 +611,11 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
     return "\n".join(out)
 
 
+def quiet(max_wait_s: float) -> None:
+    if max_wait_s > 0:
+        c.log(f"   machine {c.wait_quiet(max_wait_s):.0f}% busy before this phase")
+
+
 def _stop(procs: list[Proc]) -> None:
     """SIGTERM our cluster processes together (by pid), so the lab's one-by-one teardown finds them gone."""
     for proc in procs:
@@ -615,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"workers (the targets are for {WORKERS})")
     parser.add_argument("--idle-window", type=float, default=DEFAULT_IDLE_WINDOW_S, help="seconds of idle sampling")
     parser.add_argument("--no-trace", action="store_true", help="no manager-view poller during the run")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                        help="before the join and before the run, wait up to S s for the machine to be < 20%% busy")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, sessions)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", choices=("trace",), help=argparse.SUPPRESS)
@@ -647,8 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             manager = cluster.manager(1, "m1", "--no-local-worker")
             workers: list[Proc] = []
             try:
+                quiet(args.wait_quiet)
                 join, workers = measure_join(lab, cluster, work, names, address)
                 idle = measure_idle(cluster, manager, workers, address, args.idle_window, names)
+                quiet(args.wait_quiet)
                 run = measure_run(lab, cluster, work, manager, workers, names, address, not args.no_trace)
             finally:
                 _stop([*workers, manager])
