@@ -209,12 +209,12 @@ def _status_ready(path: Path, names: set[str]) -> int:
     return sum(1 for w in status.get("workers", []) if w.get("name") in names and w.get("state") == "ready")
 
 
-def measure_join(lab: Lab, cluster: ClusterLab, work: Path, names: list[str], address: str
+def measure_join(lab: Lab, cluster: ClusterLab, work: Path, names: list[str], hosts: list[int], address: str
                  ) -> tuple[JoinResult, list[Proc]]:
-    c.log(f"1. launching {len(names)} workers (mDNS, no --manager) ...")
+    """Launch a worker named names[i] on lab host hosts[i] each, and time them until all are ready."""
     load = c.Load().start()
     t0 = time.monotonic()
-    procs = [cluster.worker(i + 2, name, wait=False) for i, name in enumerate(names)]
+    procs = [cluster.worker(host, name, wait=False) for host, name in zip(hosts, names, strict=True)]
     launched = time.monotonic() - t0
     watches = {name: LogWatch(proc.log, ("found manager", "joined manager")) for name, proc in zip(names, procs,
                                                                                                     strict=True)}
@@ -259,9 +259,9 @@ def measure_join(lab: Lab, cluster: ClusterLab, work: Path, names: list[str], ad
             status.kill()
             status.wait(5)
     machine = load.stop()
-    joins = [WorkerJoin(name, lab.ip(i + 2), watches[name].seen.get("found manager"),
+    joins = [WorkerJoin(name, lab.ip(host), watches[name].seen.get("found manager"),
                         watches[name].seen.get("joined manager"), cpu.get(name, float("nan")))
-             for i, name in enumerate(names)]
+             for host, name in zip(hosts, names, strict=True)]
     joined = [j.joined_s for j in joins if j.joined_s is not None]
     return JoinResult(launched, all_ready.returned_s, all_ready.launched_s, max(joined) if joined else None,
                       joins, calls, machine), procs
@@ -393,7 +393,6 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                 raise RuntimeError(f"the trace helper did not start: {trace_out.read_text()}")
             time.sleep(0.05)
         time.sleep(1.0)  # its interpreter start-up is over before the launch
-    c.log(f"2. `cp run` of {len(names) * NODES_PER_WORKER} nodes on {len(names)} workers ...")
     run_out, run_err = work / "run.json", work / "logs" / "cp-run.log"
     watches = {n: LogWatch(w.log, (": starting ", ": recording")) for n, w in zip(names, workers, strict=True)}
     worker_pids = {w.pid: n for n, w in zip(names, workers, strict=True)}
@@ -424,7 +423,10 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                 for pid in worker_pids:
                     with contextlib.suppress(psutil.Error):
                         for child in psutil.Process(pid).children():
-                            if child.pid not in spawned and (times := _proc_times(child.pid)) is not None:
+                            known = spawned.get(child.pid)
+                            if known and known[0]:
+                                continue
+                            if (times := _proc_times(child.pid)) is not None:  # no id yet: forked, not exec'd
                                 spawned[child.pid] = (_node_of(child), times[0])
                 for pid in spawned:
                     if (times := _proc_times(pid)) is not None:
@@ -611,6 +613,23 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
     return "\n".join(out)
 
 
+def render_floor(join: JoinResult, run: RunResult) -> str:
+    """One machine's share: what a lab of real laptops (one worker each) would see, on an idle machine here."""
+    solo = join.workers[0]
+    worker = run.nodes_detail[0].worker if run.nodes_detail else "?"
+    spawns = [d.spawned_s for d in run.nodes_detail if d.spawned_s is not None]
+    return "\n".join([
+        "",
+        "floor, one worker alone on the now idle machine (a real lab has one worker per laptop):",
+        f"  join of {solo.name}: found manager {_s(solo.found_s)} s, joined {_s(solo.joined_s)} s, ready in "
+        f"`cp status` by {_s(join.all_ready_s)} s; its CPU by then {_s(solo.cpu_s)} s",
+        f"  {run.nodes} nodes on {worker}: RUN at the manager {_s(run.run_received_s)} s, node processes started "
+        f"{_minmax(spawns)} s, done starting {_minmax(run.settled_s)} s, session_started "
+        f"{run.session_started_s:.2f} s, last sink's first sample {run.launch_to_last_sink_s:.2f} s "
+        f"({run.last_sink}); node CPU to the start {run.node_cpu_to_start_s:.2f} s",
+    ])
+
+
 def quiet(max_wait_s: float) -> None:
     if max_wait_s > 0:
         c.log(f"   machine {c.wait_quiet(max_wait_s):.0f}% busy before this phase")
@@ -631,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=WORKERS, help=f"workers (the targets are for {WORKERS})")
     parser.add_argument("--idle-window", type=float, default=DEFAULT_IDLE_WINDOW_S, help="seconds of idle sampling")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the floor runs (one worker alone: its join, its 4 nodes)")
     parser.add_argument("--no-trace", action="store_true", help="no manager-view poller during the run")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                         help="before the join and before the run, wait up to S s for the machine to be < 20%% busy")
@@ -658,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     run: RunResult | None = None
     idle: IdleResult | None = None
+    floor_run: RunResult | None = None
+    floor_join: JoinResult | None = None
     failed = True
     try:
         with Lab(hosts=args.workers + 1) as lab:
@@ -667,10 +690,22 @@ def main(argv: list[str] | None = None) -> int:
             workers: list[Proc] = []
             try:
                 quiet(args.wait_quiet)
-                join, workers = measure_join(lab, cluster, work, names, address)
+                c.log(f"1. launching {len(names)} workers (mDNS, no --manager) ...")
+                hosts = list(range(2, len(names) + 2))
+                join, workers = measure_join(lab, cluster, work, names, hosts, address)
                 idle = measure_idle(cluster, manager, workers, address, args.idle_window, names)
                 quiet(args.wait_quiet)
+                c.log(f"2. `cp run` of {len(names) * NODES_PER_WORKER} nodes on {len(names)} workers ...")
                 run = measure_run(lab, cluster, work, manager, workers, names, address, not args.no_trace)
+                if not args.no_floor:
+                    quiet(args.wait_quiet)
+                    c.log(f"floor: `cp run` of {NODES_PER_WORKER} nodes on worker {names[0]} alone ...")
+                    floor_run = measure_run(lab, cluster, work, manager, workers[:1], names[:1], address, False)
+                    quiet(args.wait_quiet)
+                    solo = f"w{len(names) + 1:02d}"
+                    c.log(f"floor: one more worker ({solo}) joining alone ...")
+                    floor_join, extra = measure_join(lab, cluster, work, [solo], [lab.add_host().index], address)
+                    workers += extra
             finally:
                 _stop([*workers, manager])
         c.log(f"lab torn down in {lab.teardown_s:.1f} s (namespaces deleted, none left in `ip netns list`)")
@@ -686,11 +721,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"machine": info, "code": code, "busy_before_pct": busy, "elapsed_s": elapsed,
                           "workers": args.workers, "join": asdict(join), "run": asdict(run) if run else None,
-                          "idle": asdict(idle) if idle else None, "targets": targets(join, run, idle, args.workers)},
+                          "idle": asdict(idle) if idle else None, "targets": targets(join, run, idle, args.workers),
+                          "floor": {"join": asdict(floor_join) if floor_join else None,
+                                    "run": asdict(floor_run) if floor_run else None}},
                          indent=2))
         return 0
     print(provenance(info, busy, code))
     print(render(join, run, idle, args.workers))
+    if floor_join is not None and floor_run is not None:
+        print(render_floor(floor_join, floor_run))
     print(f"\n(total {elapsed:.0f} s)")
     return 0
 

@@ -19,7 +19,7 @@ from cpcli.cli.output import err_console, out_console
 from cpcli.cli.status import status_view
 from cpcli.cluster.discovery import DEFAULT_CLUSTER, NAME_RE, Advertiser, ManagerAdvert, find_manager, interface_for
 from cpcli.cluster.locate import announce_local, forget_local, locate
-from cpcli.cluster.machine import address_towards, default_interface, parse_address
+from cpcli.cluster.machine import address_towards, default_interface, manager_address
 from cpcli.cluster.manager import Manager, ManagerConfig
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.cluster.worker import WorkerAgent, WorkerConfig
@@ -155,10 +155,7 @@ def worker_command(
     stop, forced = threading.Event(), threading.Event()
     with _stop_on_signals(stop, forced) as interrupted:
         if manager:
-            try:
-                manager_host, _ = parse_address(manager)
-            except ValueError as err:
-                raise CpError(str(err), hint="write it as HOST:PORT, e.g. --manager 192.168.1.10:7425") from err
+            manager_host, _ = manager_address(manager)
             host = _interface(interface) if interface or os.environ.get("CP_INTERFACE") else \
                 address_towards(manager_host)
             address = manager
@@ -182,9 +179,10 @@ def _discover(interface: str, cluster: str, timing: ClusterTiming, stop: threadi
     while not stop.is_set():
         try:
             advert = find_manager(interface, timing.discovery_s, cluster)
-        except PeerLostError:
-            if not said:
-                say(f"no manager of cluster {cluster} on {interface} yet; still looking (Ctrl-C to give up)")
+        except PeerLostError as err:
+            if not said:  # the message lists managers heard but passed over (other clusters, releases)
+                other = "; pass --cluster NAME to join another cluster" if "; ignored: " in err.message else ""
+                say(f"{err.message}; still looking (Ctrl-C to give up){other}")
                 said = True
             continue
         say(f"found manager {advert.describe()}")

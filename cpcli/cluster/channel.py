@@ -64,7 +64,7 @@ class Router:
             hint = "another manager runs here? pick another --port" if err.errno == zmq.EADDRINUSE else (
                 "pass --interface with an address of this machine")
             # zmq.strerror: pyzmq's err.strerror repeats the address the message already names
-            raise TransportError(f"cannot listen on {host}:{port} ({zmq.strerror(err.errno)})", hint=hint) from err
+            raise TransportError(f"cannot listen on {host}:{port} ({zmq.strerror(err.errno or 0)})", hint=hint) from err
         self.host, self.port = host, port
         self._logged: set[bytes] = set()
         self.dropped = 0  # malformed messages dropped so far

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from cpcli.cluster.discovery import DEFAULT_CLUSTER, find_manager, find_managers
-from cpcli.cluster.machine import INTERFACE_ENV, default_interface, parse_address
+from cpcli.cluster.machine import INTERFACE_ENV, default_interface, manager_address
 from cpcli.errors import CpError
 
 MANAGER_ENV = "CP_MANAGER"
@@ -80,10 +80,7 @@ def locate(manager: str | None, interface: str | None, cluster: str | None, time
     """
     given = manager or os.environ.get(MANAGER_ENV)
     if given:
-        try:
-            parse_address(given)
-        except ValueError as err:
-            raise CpError(str(err), hint="write it as HOST:PORT, e.g. --manager 192.168.1.10:7425") from err
+        manager_address(given)
         return given
     local = local_managers(cluster)
     if len(local) > 1:

@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from cpcli.errors import CpError
+
 INTERFACE_ENV = "CP_INTERFACE"
 _ROUTE_PROBE = ("192.0.2.1", 9)  # TEST-NET-1: only the routing table is consulted, nothing is sent
 
@@ -62,3 +64,23 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--manager {text!r} is not HOST:PORT")
     return host, int(port)
+
+
+def manager_address(text: str) -> tuple[str, int]:
+    """`--manager HOST:PORT` checked before any socket uses it: a port, and a host this machine can resolve.
+
+    Raises:
+        CpError: naming what is wrong (ZeroMQ would otherwise retry an unresolvable name forever).
+    """
+    try:
+        host, port = parse_address(text)
+    except ValueError as err:
+        raise CpError(str(err), hint="write it as HOST:PORT, e.g. --manager 192.168.1.10:7425") from err
+    try:
+        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise CpError(f"--manager {text}: {host} is neither an IPv4 address nor a host name this machine can "
+                      f"resolve ({reason})", hint="give the address `cp manager` prints when it starts, or leave "
+                      "--manager out to find the manager over mDNS") from err
+    return host, port

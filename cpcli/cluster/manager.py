@@ -28,8 +28,9 @@ from cpcli.archive.manifest import read_node_record, write_json_atomically, writ
 from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Router
+from cpcli.cluster.clocknet import ClockServer
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.errors import ArchiveError, CpError
+from cpcli.errors import ArchiveError, CpError, TransportError
 from cpcli.runtime.plan import plan_from_dict
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
@@ -62,13 +63,14 @@ class WorkerEntry:
     resources: dict[str, Any]
     last_heard: float
     devices: list[dict[str, Any]] = field(default_factory=list)
+    clock: dict[str, Any] = field(default_factory=dict)  # the worker's latest ClockMapping, as sent
     state: str = "ready"  # ready | running | lost
     lost_at: float | None = None
 
     def public(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "state": self.state, "version": self.version,
                 "last_heartbeat_s": round(now - self.last_heard, 3), "node_types": self.node_types,
-                "devices": self.devices,
+                "devices": self.devices, "clock": _clock_view(self.clock),
                 **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
                                                        "memory_available", "disk_free")}}
 
@@ -134,6 +136,13 @@ class Manager:
         self._announce = announce or (lambda line: self._log.info("%s", line))
         self._context: zmq.Context[Any] = zmq.Context()
         self.router = Router(self._context, config.interface, config.port, self._log)
+        try:
+            self.clock_server = ClockServer(config.interface, self.router.port)
+        except TransportError:
+            self.router.close()
+            self._context.term()
+            raise
+        self.clock_server.start()
         self.workers: dict[str, WorkerEntry] = {}
         self._by_identity: dict[bytes, str] = {}
         self._clients: dict[bytes, float] = {}  # identities of clients that beat, and when last heard
@@ -162,6 +171,7 @@ class Manager:
                         self._stop_session("the manager is shutting down", interrupted=True)
                 self._turn()
         finally:
+            self.clock_server.close()
             self.router.close()
             self._context.term()
 
@@ -199,6 +209,8 @@ class Manager:
             return  # heard again only through a new registration
         if command == m.BEAT:
             entry.resources = dict(body.get("resources") or entry.resources)
+            if isinstance(body.get("clock"), dict):
+                entry.clock = dict(body["clock"])
             return
         session = self.session
         if session is None or body.get("session") != session.name:
@@ -240,7 +252,8 @@ class Manager:
         if self.session is not None and self.session.phase in ("running", "stopping") and name in self.session.workers:
             entry.state = "running"
         self.router.send(peer, m.WELCOME, {"v": PROTOCOL_VERSION, "manager": self.config.name,
-                                           "cluster": self.config.cluster, "known_sessions": known})
+                                           "cluster": self.config.cluster, "known_sessions": known,
+                                           "clock_port": self.router.port})
         self._announce(f"worker {name} {'rejoined' if was_lost or known else 'joined'} from {entry.host}")
 
     def _client_message(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
@@ -456,7 +469,8 @@ class Manager:
         session.start_utc = utc_stamp(datetime.now(timezone.utc))
         session.phase = "running"
         for worker in session.workers:
-            self.router.send(self.workers[worker].identity, m.START, {"session": session.name})
+            self.router.send(self.workers[worker].identity, m.START,
+                             {"session": session.name, "start_ns": session.start_ns})
         self._event(session, "session_started", start_utc=session.start_utc)
         self._persist(session)
 
@@ -547,8 +561,8 @@ class Manager:
         for name in session.workers:
             entry = self.workers.get(name)
             report = session.finished.get(name, {})
-            workers[name] = {"host": entry.host if entry else None,
-                             "clock": {"offset_ns": 0, "uncertainty_ns": None, "measured": False},
+            history = [row for row in report.get("clock") or [] if isinstance(row, list) and len(row) == 4]
+            workers[name] = {"host": entry.host if entry else None, "clock": _clock_record(history),
                              "finished": name in session.finished,
                              "files": list(report.get("files") or [])}
             if name in session.lost:
@@ -655,3 +669,23 @@ class Manager:
                             "local_worker": self.config.local_worker},
                 "workers": [e.public(now) for e in sorted(self.workers.values(), key=lambda e: e.name)],
                 "session": session}
+
+
+def _clock_view(mapping: dict[str, Any]) -> dict[str, Any] | None:
+    """A worker's clock for `cp status`: offset, drift in ppm, uncertainty."""
+    if not mapping:
+        return None
+    return {"offset_ns": int(mapping.get("offset_ns", 0)),
+            "drift_ppm": round(float(mapping.get("drift_ppb", 0)) / 1e3, 3),
+            "uncertainty_ns": int(mapping.get("uncertainty_ns", 0))}
+
+
+def _clock_record(history: list[list[Any]]) -> dict[str, Any]:
+    """The manifest's clock of one worker: the last estimate, the worst uncertainty, and the history."""
+    if not history:
+        return {"offset_ns": None, "drift_ppm": None, "uncertainty_ns": None, "measured": False, "history": []}
+    last = history[-1]
+    worst = max(int(row[3]) for row in history)
+    return {"offset_ns": int(last[1]), "drift_ppm": round(float(last[2]) / 1e3, 3), "uncertainty_ns": int(last[3]),
+            "max_uncertainty_ns": worst, "measured": True,
+            "history_columns": ["t_ns", "offset_ns", "drift_ppb", "uncertainty_ns"], "history": history}

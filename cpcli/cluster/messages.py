@@ -67,7 +67,7 @@ SCHEMAS: dict[bytes, _Fields] = {
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
 OPTIONAL: dict[bytes, _Fields] = {
-    REGISTER: {"resources": dict},
+    REGISTER: {"resources": dict, "devices": list},
     BEAT: {"resources": dict},
     WELCOME: {"known_sessions": list},
     REFUSED: {"hint": str, "reregister": bool},

@@ -21,8 +21,11 @@ import zmq
 from cpcli import __version__
 from cpcli.archive.files import file_record
 from cpcli.archive.manifest import write_json_atomically
+from cpcli.clock import ClockMapping
+from cpcli.clocksync import Probe
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Dealer
+from cpcli.cluster.clocknet import ClockClient
 from cpcli.cluster.machine import resources
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.devices import list_devices
@@ -62,6 +65,8 @@ class _Session:
         self.stop_deadline = 0.0
         self.error: str | None = None
         self.final: dict[str, Any] | None = None  # the finished report, kept until the manager has it
+        self.start_ns = 0  # cluster time of the session's start
+        self.clock_history: list[list[float | int]] = []  # [t_ns, offset_ns, drift_ppb, uncertainty_ns]
         self.final_acked = False
 
     def report(self) -> dict[str, Any]:
@@ -98,6 +103,10 @@ class WorkerAgent:
         self._reconnect_at = 0.0
         self._sessions: dict[str, _Session] = {}
         self.manager_name = ""
+        self._clock_client: ClockClient | None = None
+        self._clock_lock = threading.Lock()
+        self._clock_new: ClockMapping | None = None  # set by the clock thread, taken by the loop
+        self.clock: ClockMapping | None = None  # the latest estimate of this machine against the manager
         self._devices = _devices(registry, self._log)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -110,6 +119,8 @@ class WorkerAgent:
                 self._turn()
             self._shutdown()
         finally:
+            if self._clock_client is not None:
+                self._clock_client.close()
             for session in self._sessions.values():
                 session.supervisor.close()
             if self._dealer is not None:
@@ -127,6 +138,7 @@ class WorkerAgent:
         while self._dealer is not None and (message := self._dealer.receive()) is not None:
             self._last_heard = time.monotonic()
             self._handle(*message)
+        self._take_clock()
         for session in list(self._sessions.values()):
             self._advance(session)
         self._keep_in_touch()
@@ -197,7 +209,10 @@ class WorkerAgent:
             return
         if now >= self._next_beat:
             self._next_beat = now + timing.beat_s
-            self._dealer.send(m.BEAT, {"resources": resources(self.config.data_dir)})
+            body: dict[str, Any] = {"resources": resources(self.config.data_dir)}
+            if self.clock is not None:
+                body["clock"] = self.clock.to_dict()
+            self._dealer.send(m.BEAT, body)
 
     def _send(self, command: bytes, body: dict[str, Any]) -> bool:
         if self._dealer is None or not self._joined:
@@ -220,7 +235,7 @@ class WorkerAgent:
             elif command == m.CONNECT:
                 self._connect_nodes(session, body)
             elif command == m.START:
-                self._start(session)
+                self._start(session, int(body.get("start_ns") or time.monotonic_ns()))
             elif command == m.STOP:
                 self._begin_stop(session)
             else:
@@ -233,12 +248,38 @@ class WorkerAgent:
         self._joined = self._ever_joined = True
         self._backoff_s = self.config.timing.backoff_min_s
         self.manager_name = str(body["manager"])
+        if self._clock_client is None:
+            host = self.config.manager.rpartition(":")[0]
+            port = int(body.get("clock_port") or self.config.manager.rpartition(":")[2])
+            self._clock_client = ClockClient(host, port, self._on_clock)
+            self._clock_client.start()
         for name in body.get("known_sessions", []):  # the manager holds these reports now
             if name in self._sessions and self._sessions[name].final is not None:
                 self._sessions[name].final_acked = True
         verb = "joined" if first else "rejoined"
         self._announce(f"{verb} manager {body['manager']} of cluster {body['cluster']} at {self.config.manager} "
                        f"as worker {self.config.name}")
+
+    def _on_clock(self, mapping: ClockMapping, _best: Probe) -> None:
+        """On the clock thread: hand the new estimate to the loop."""
+        with self._clock_lock:
+            self._clock_new = mapping
+
+    def _take_clock(self) -> None:
+        with self._clock_lock:
+            mapping, self._clock_new = self._clock_new, None
+        if mapping is None:
+            return
+        first = self.clock is None
+        self.clock = mapping
+        if first:
+            self._announce(f"clock aligned to the manager: offset {mapping.offset_ns / 1e6:+.3f} ms, "
+                           f"uncertainty {mapping.uncertainty_ns / 1e3:.0f} us")
+        for session in self._sessions.values():
+            if session.phase != "finished":
+                session.supervisor.set_clock(mapping)
+                if session.phase == "running":
+                    session.clock_history.append(_history_row(mapping, session.start_ns))
 
     def _refused(self, body: dict[str, Any]) -> None:
         if body.get("reregister") and self._dealer is not None:  # a manager that restarted: register again
@@ -282,6 +323,8 @@ class WorkerAgent:
         session = _Session(name, plans, supervisor, session_dir, None if duration is None else float(duration),
                            runtime, disk)
         self._sessions[name] = session
+        if self.clock is not None:
+            supervisor.set_clock(self.clock)
         try:
             supervisor.start()
         except OSError as err:
@@ -304,11 +347,14 @@ class WorkerAgent:
             session.supervisor.connect(dict(body["wiring"]))
             session.phase = "wired"
 
-    def _start(self, session: _Session) -> None:
+    def _start(self, session: _Session, start_ns: int) -> None:
         if session.phase not in ("wired", "ready"):
             return
-        session.supervisor.begin(time.monotonic_ns())
+        session.start_ns = start_ns
+        session.supervisor.begin(start_ns)
         session.phase = "running"
+        if self.clock is not None:
+            session.clock_history.append(_history_row(self.clock, start_ns))
         if session.duration_s is not None:
             session.deadline = time.monotonic() + session.duration_s
         self._announce(f"session {session.name}: recording")
@@ -335,7 +381,7 @@ class WorkerAgent:
         if session.phase == "preparing" and supervisor.all_bound and not session.prepared_sent:
             session.prepared_sent = self._send(m.PREPARED, {"session": session.name, "bound": {
                 n: {"endpoint": b.endpoint, "shm_prefix": b.shm_prefix} for n, b in supervisor.bound.items()}})
-        if session.phase == "wired" and supervisor.all_ready and not session.ready_sent:
+        if session.phase == "wired" and supervisor.all_ready and not session.ready_sent and self.clock is not None:
             session.ready_sent = self._send(m.READY, {"session": session.name})
         if supervisor.failures and session.phase not in ("stopping",):
             self._begin_stop(session)
@@ -355,6 +401,7 @@ class WorkerAgent:
         session.supervisor.close()
         report = session.report()
         report["phase"] = "finished"
+        report["clock"] = session.clock_history
         files = [file_record(p, p.relative_to(session.dir).as_posix(), "log")
                  for p in sorted(session.supervisor.logs_dir.glob("*.log"))
                  if p.stem in {plan.id for plan in session.plans}]
@@ -383,3 +430,9 @@ def _devices(registry: Registry, log: logging.Logger) -> list[dict[str, Any]]:
         log.warning("%s", warning)
     return [{"kind": d.kind, "device": d.device, "name": d.name, "types": list(types)}
             for devices in listed.values() for d, types in devices]
+
+
+def _history_row(mapping: ClockMapping, start_ns: int) -> list[float | int]:
+    """One row of a session's clock history: when (session time, by this clock) and the estimate."""
+    now = mapping.to_cluster_ns(time.monotonic_ns()) - start_ns
+    return [now, mapping.offset_ns, round(mapping.drift_ppb, 1), mapping.uncertainty_ns]

@@ -22,7 +22,7 @@ import zmq
 
 from cpcli.archive.manifest import write_node_record
 from cpcli.archive.writer import NodeRecorder, RecordingError
-from cpcli.clock import Clock
+from cpcli.clock import Clock, ClockMapping
 from cpcli.errors import CpError, PeerLostError
 from cpcli.node import Node, NodeContext, Sample
 from cpcli.runtime.intake import Intake
@@ -32,6 +32,7 @@ from cpcli.transport import shm
 from cpcli.transport.control import ControlClient
 from cpcli.transport.protocol import (
     BOUND,
+    CLOCK,
     CONFIG,
     CONNECT,
     DONE,
@@ -157,6 +158,8 @@ class Driver:
     def _configure(self, config: dict[str, Any]) -> None:
         self._config = config
         self._timing = Timing.from_dict(config.get("timing", {}))
+        if config.get("clock"):
+            self._clock.update(ClockMapping.from_dict(config["clock"]))
         log_path = config.get("log_path")
         if log_path:
             handler = logging.FileHandler(log_path, encoding="utf-8")
@@ -249,6 +252,11 @@ class Driver:
                     raise _Stopped
             elif command == ENDED and self._intake is not None:
                 self._intake.expect_end(str(body.get("source")), dict(body.get("sent") or {}))
+            elif command == CLOCK:
+                try:
+                    self._clock.update(ClockMapping.from_dict(body))
+                except (KeyError, TypeError, ValueError) as err:
+                    self._log.warning("ignored a malformed clock mapping (%s)", err)
             elif command == want:
                 found = body
         return found

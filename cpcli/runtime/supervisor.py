@@ -15,13 +15,14 @@ from typing import Any
 
 import zmq
 
+from cpcli.clock import ClockMapping
 from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
 from cpcli.transport import shm
 from cpcli.transport.control import ControlServer
-from cpcli.transport.protocol import BOUND, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
+from cpcli.transport.protocol import BOUND, CLOCK, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
 
 
 class Supervisor:
@@ -50,6 +51,8 @@ class Supervisor:
         self._shm_threshold_bytes = shm_threshold_bytes
         self._session_tag = hashlib.sha256(str(session_dir).encode()).hexdigest()[:8]
         self._wired = False
+        self._clock: ClockMapping | None = None  # this machine onto cluster time (None: the same clock)
+        self._configured: set[str] = set()  # nodes that got CONFIG (later clock updates go as CLOCK)
         self._stopped = False
         self._closed = False
         self.logs_dir = session_dir / "logs"
@@ -73,6 +76,13 @@ class Supervisor:
 
     def log_path(self, node_id: str) -> Path:
         return self.logs_dir / f"{node_id}.log"
+
+    def set_clock(self, mapping: ClockMapping) -> None:
+        """Give every node (and every node still to start) a newer mapping of this clock onto cluster time."""
+        self._clock = mapping
+        for node_id in self._plans:
+            if node_id in self._configured and self._alive(node_id):
+                self._server.send(node_id, CLOCK, mapping.to_dict())
 
     def begin(self, start_ns: int) -> None:
         """Start the session: every node gets the start time; sources begin stepping."""
@@ -136,6 +146,7 @@ class Supervisor:
             return
         if command == HELLO:
             self._server.send(node_id, CONFIG, self._config_for(plan))
+            self._configured.add(node_id)
         elif command == BOUND:
             prefix = body.get("shm_prefix")
             self._bound[node_id] = Bound(self._worker, str(body["endpoint"]), str(prefix) if prefix else None)
@@ -178,6 +189,7 @@ class Supervisor:
             "session_tag": self._session_tag,
             "shared_memory": self._shared_memory,
             "shm_threshold_bytes": self._shm_threshold_bytes,
+            "clock": None if self._clock is None else self._clock.to_dict(),
         }
 
     @property

@@ -25,7 +25,8 @@ STOP = b"STOP"  # supervisor -> driver: sources stop; others drain, then finish
 ERROR = b"ERROR"  # driver -> supervisor: the node failed
 DONE = b"DONE"  # driver -> supervisor: finished, files final, statistics attached
 ENDED = b"ENDED"  # supervisor -> driver: an upstream node finished; how many samples it sent per port
-COMMANDS = frozenset({HELLO, CONFIG, BOUND, CONNECT, READY, START, STATS, STOP, ERROR, DONE, ENDED})
+CLOCK = b"CLOCK"  # supervisor -> driver: a newer mapping of this machine's clock onto cluster time
+COMMANDS = frozenset({HELLO, CONFIG, BOUND, CONNECT, READY, START, STATS, STOP, ERROR, DONE, ENDED, CLOCK})
 
 # Data message kinds (header field "k").
 KIND_ARRAY = "nd"  # payload is the raw buffer of a C-contiguous numpy array
