@@ -65,12 +65,13 @@ class ClusterLab:
     def data(self, name: str) -> Path:
         return self.tmp / f"{name}-data"
 
-    def start(self, host: int, args: list[str], name: str) -> Proc:
+    def start(self, host: int, args: list[str], name: str, wrap: tuple[str, ...] = ()) -> Proc:
+        """Start `cp ARGS` on a host (`wrap`: a command it runs under, e.g. `unshare --time ...`)."""
         self._count += 1
         log = self.tmp / "logs" / f"{self._count:02d}-{name}.log"
         with open(log, "wb") as out:
-            popen = self.lab.run(host, [sys.executable, "-m", "cpcli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                 env=self.env, cwd=self.tmp)
+            popen = self.lab.run(host, [*wrap, sys.executable, "-m", "cpcli", *args], stdout=out,
+                                 stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
         return Proc(popen, log, name)
 
     def manager(self, host: int, name: str = "m1", *extra: str, port: int = PORT, wait: bool = True) -> Proc:
@@ -80,9 +81,11 @@ class ClusterLab:
             proc.wait_for("listening on", START_TIMEOUT_S)
         return proc
 
-    def worker(self, host: int, name: str, *extra: str, wait: bool = True) -> Proc:
+    def worker(self, host: int, name: str, *extra: str, wait: bool = True, skew_s: float = 0.0) -> Proc:
+        """`cp worker` on a host; `skew_s` runs it in a time namespace whose monotonic clock is that far ahead."""
+        wrap = ("unshare", "--time", "--monotonic", str(skew_s)) if skew_s else ()
         proc = self.start(host, ["worker", "--name", name, "--interface", self.lab.ip(host),
-                                 "--data", str(self.data(name)), *extra], f"worker-{name}")
+                                 "--data", str(self.data(name)), *extra], f"worker-{name}", wrap)
         if wait:
             proc.wait_for("joined manager", START_TIMEOUT_S)
         return proc

@@ -273,7 +273,7 @@ class WorkerAgent:
         first = self.clock is None
         self.clock = mapping
         if first:
-            self._announce(f"clock aligned to the manager: offset {mapping.offset_ns / 1e6:+.3f} ms, "
+            self._announce(f"clock aligned to the manager: offset {mapping.offset_ns / 1e9:+.6f} s, "
                            f"uncertainty {mapping.uncertainty_ns / 1e3:.0f} us")
         for session in self._sessions.values():
             if session.phase != "finished":

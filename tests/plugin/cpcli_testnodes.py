@@ -143,3 +143,26 @@ class Verify(Node):
             time.sleep(self.delay_ms / 1000)
         n_end, ok_end = self._intact(sample.value)
         return Sample({"seq": sample.seq, "n": n, "ok": ok_start and ok_end and n == n_end})
+
+
+class WallClock(Node):
+    """The wall clock (CLOCK_REALTIME, shared by every time namespace) beside the framework's stamp.
+
+    A table row {"realtime_ns", "spread_ns"} per step, stamped with the cluster clock read between
+    two wall-clock reads: on one aligned timeline, realtime_ns - t_ns is the same on every machine.
+    """
+
+    outputs = ("time",)
+    input_count = 0
+
+    def __init__(self, *, rate_hz: float = 50.0) -> None:
+        self.rate_hz = rate_hz
+
+    def setup(self, ctx: NodeContext) -> None:
+        self._clock = ctx.clock
+
+    def step(self, inputs: Inputs) -> Outputs:
+        before = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        stamp = self._clock.now_ns()
+        after = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        return Sample({"realtime_ns": (before + after) // 2, "spread_ns": after - before}, t_ns=stamp)
