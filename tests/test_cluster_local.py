@@ -174,3 +174,24 @@ def test_killed_cp_run_stops_the_session_in_order(manager: LocalManager, tmp_pat
     events = [json.loads(line) for line in (session / "events.jsonl").open()]
     assert any(e["event"] == "client_lost" for e in events)
     assert any(e["event"] == "session_stopping" and "is gone" in e["reason"] for e in events)
+
+
+def test_mark_goes_into_the_cluster_session(manager: LocalManager, tmp_path: Path) -> None:
+    refused = cp("mark", "too_early", cwd=tmp_path)
+    assert refused.returncode == 1 and "no session is recording on this cluster" in refused.stderr
+    run = subprocess.Popen([sys.executable, "-m", "cpcli", "run", DEMO, "--duration", "4s"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for(manager.log, r"\[local worker\] session \S+: recording", 30)
+        marked = cp("mark", "task_start", "--meta", "block=2", "--json", cwd=tmp_path)
+        assert marked.returncode == 0, marked.stderr
+        assert run.wait(40) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+    reply = json.loads(marked.stdout)
+    events = [json.loads(line) for line in (manager.data / reply["session"] / "events.jsonl").open()]
+    marks = [e for e in events if e["event"] == "mark"]
+    assert marks == [{"t_ns": reply["t_ns"], "event": "mark", "label": "task_start", "meta": {"block": 2}}]
+    assert 0 < reply["t_ns"] < 4e9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cpcli import __version__
-from cpcli.cli import cluster, devices, inspect, nodes, run
+from cpcli.cli import cluster, devices, inspect, mark, nodes, run
 from cpcli.cli.output import out_console
 
 app = typer.Typer(
@@ -41,3 +41,4 @@ app.command("devices")(devices.devices_command)
 app.command("manager")(cluster.manager_command)
 app.command("worker")(cluster.worker_command)
 app.command("status")(cluster.status_command)
+app.command("mark")(mark.mark_command)

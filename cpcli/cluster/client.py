@@ -192,3 +192,15 @@ class _Finished(Exception):
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__("finished")
         self.body = body
+
+
+def send_mark(address: str, label: str, meta: dict[str, Any], timing: ClusterTiming) -> dict[str, Any]:
+    """Put a mark into the cluster's running session; returns {session, t_ns}."""
+    context: zmq.Context[Any] = zmq.Context()
+    try:
+        dealer, _, body = _request(context, address, m.MARK, {"v": PROTOCOL_VERSION, "label": label, "meta": meta},
+                                   {m.MARKED}, timing)
+        dealer.close()
+        return body
+    finally:
+        context.term()

@@ -22,12 +22,12 @@ from cpcli.errors import CpError
 MANAGER_ENV = "CP_MANAGER"
 
 
-def _runtime_dir() -> Path:
+def runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return Path(base) / f"cpcli-{os.getuid()}"
 
 
-def _netns() -> str:
+def netns_id() -> str:
     try:
         return str(os.stat("/proc/self/ns/net").st_ino)
     except OSError:
@@ -35,7 +35,7 @@ def _netns() -> str:
 
 
 def _file(cluster: str) -> Path:
-    return _runtime_dir() / f"manager-{_netns()}-{cluster}.json"
+    return runtime_dir() / f"manager-{netns_id()}-{cluster}.json"
 
 
 def announce_local(cluster: str, name: str, address: str) -> Path:
@@ -60,7 +60,7 @@ def forget_local(path: Path) -> None:
 def local_managers(cluster: str | None) -> list[dict[str, Any]]:
     """Managers running on this machine (in this network namespace), of `cluster` when given."""
     found = []
-    for path in sorted(_runtime_dir().glob(f"manager-{_netns()}-*.json")):
+    for path in sorted(runtime_dir().glob(f"manager-{netns_id()}-*.json")):
         try:
             data = json.loads(path.read_text())
             alive = psutil.pid_exists(int(data["pid"]))

@@ -195,7 +195,7 @@ class Manager:
         if command == m.REGISTER:
             self._register(peer, body)
             return
-        if command in (m.RUN, m.ATTACH, m.STATUS) or peer in self._clients:
+        if command in (m.RUN, m.ATTACH, m.STATUS, m.MARK) or peer in self._clients:
             self._client_message(peer, command, body)
             return
         name = self._by_identity.get(peer)
@@ -277,8 +277,20 @@ class Manager:
             session.client, session.client_heard = peer, time.monotonic()
             self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
             self._event(session, "client_attached")
+        elif command == m.MARK:
+            self._mark(peer, session, body)
         elif command == m.STOP and session is not None and session.name == body["session"]:
             self._stop_session("stopped by cp run", interrupted=True)
+
+    def _mark(self, peer: bytes, session: ClusterSession | None, body: dict[str, Any]) -> None:
+        """`cp mark`: an event at the cluster time the request arrived (a fraction of a millisecond late)."""
+        if session is None or session.phase != "running":
+            self.router.send(peer, m.REFUSED, {"message": "no session is recording on this cluster",
+                                               "hint": "marks go into a running session; start one with cp run"})
+            return
+        t_ns = session.t_ns()
+        self._event(session, "mark", at_ns=t_ns, label=body["label"], meta=body["meta"])
+        self.router.send(peer, m.MARKED, {"session": session.name, "t_ns": t_ns})
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -615,10 +627,10 @@ class Manager:
 
     # -- record and restart ------------------------------------------------------------------
 
-    def _event(self, target: ClusterSession, event: str, **fields: Any) -> None:
+    def _event(self, target: ClusterSession, event: str, at_ns: int | None = None, **fields: Any) -> None:
         if self._events is None:
             self._events = EventLog(target.dir / "events.jsonl")
-        self._events.write(target.t_ns(), event, **fields)
+        self._events.write(target.t_ns() if at_ns is None else at_ns, event, **fields)
 
     def _persist(self, session: ClusterSession) -> None:
         write_json_atomically(session.dir / SESSION_RECORD, session.record())

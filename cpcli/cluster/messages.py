@@ -33,11 +33,13 @@ ENDED = b"ENDED"  # an upstream node on another worker finished
 RUN = b"RUN"  # run this recipe
 ATTACH = b"ATTACH"  # follow a running session (after the manager came back)
 STATUS = b"STATUS"  # the cluster now
+MARK = b"MARK"  # put an event (label, meta) into the running session at the cluster time it arrives
 # manager -> client
 ACCEPTED = b"ACCEPTED"  # the session is being prepared, in this folder
 PROGRESS = b"PROGRESS"  # phase, elapsed time, every node's state and statistics
 RESULT = b"RESULT"  # the session ended: its manifest and failures
 STATUS_REPLY = b"STATUS_REPLY"
+MARKED = b"MARKED"  # the event went in, at this session time
 
 _Fields = dict[str, type | tuple[type, ...]]
 SCHEMAS: dict[bytes, _Fields] = {
@@ -63,11 +65,13 @@ SCHEMAS: dict[bytes, _Fields] = {
     PROGRESS: {"session": str, "phase": str, "elapsed_s": (int, float), "nodes": dict},
     RESULT: {"session": str, "manifest": dict},
     STATUS_REPLY: {"manager": dict, "workers": list},
+    MARK: {"v": int, "label": str, "meta": dict},
+    MARKED: {"session": str, "t_ns": int},
 }
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
 OPTIONAL: dict[bytes, _Fields] = {
-    REGISTER: {"resources": dict, "devices": list},
+    REGISTER: {},
     BEAT: {"resources": dict},
     WELCOME: {"known_sessions": list},
     REFUSED: {"hint": str, "reregister": bool},

@@ -21,6 +21,7 @@ from cpcli.clock import Clock
 from cpcli.errors import PeerLostError
 from cpcli.recipe import Recipe
 from cpcli.registry import Registry
+from cpcli.runtime import marks
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
 from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.supervisor import Supervisor
@@ -127,6 +128,7 @@ class _LocalSession:
         self.began = False
         self.error: str | None = None  # a failure of the session itself (not of one node)
         self._next_progress = 0.0
+        self._marks: Path | None = None
 
     def run(self) -> SessionResult:
         try:
@@ -165,6 +167,7 @@ class _LocalSession:
         self.began = True
         self.supervisor.begin(self.start_ns)
         self.events.write(0, "session_started", start_utc=utc_stamp(self.started_utc))
+        self._marks = marks.announce(self.dir.name, self.events.path, self.start_ns)  # cp mark finds us here
         deadline = None if self.options.duration_s is None else time.monotonic() + self.options.duration_s
         while not self.stop_control.requested.is_set() and not self.supervisor.failures:
             if self.supervisor.all_finished or (deadline is not None and time.monotonic() >= deadline):
@@ -192,6 +195,8 @@ class _LocalSession:
             self.supervisor.poll(RUN_POLL_MS)
 
     def _finalize(self) -> dict[str, Any]:
+        if self._marks is not None:
+            marks.forget(self._marks)
         forced = self.supervisor.close()
         end_ns = self.clock.now_ns()
         for node_id in forced:
