@@ -17,10 +17,20 @@ def _bytes(value: Any) -> str:
     return format_bytes(int(value)) if isinstance(value, (int, float)) else "-"
 
 
+def _clock_cells(clock: Any) -> tuple[str, str]:
+    """`+1.234 ms ± 12 us` and the drift, or dashes before the first estimate."""
+    if not isinstance(clock, dict):
+        return "-", "-"
+    offset, uncertainty = int(clock["offset_ns"]), int(clock["uncertainty_ns"])
+    shown = f"{offset / 1e9:+.6f} s" if abs(offset) >= 1e9 else f"{offset / 1e6:+.3f} ms"
+    return f"{shown} ± {uncertainty / 1e3:.0f} us", f"{float(clock['drift_ppm']):+.2f}"
+
+
 def workers_table(workers: list[dict[str, Any]]) -> Table:
     table = Table(title="workers", title_justify="left", pad_edge=False)
     for header, justify in (("name", "left"), ("host", "left"), ("state", "left"), ("CPU", "right"),
-                            ("memory free", "right"), ("disk free", "right"), ("heartbeat", "right")):
+                            ("memory free", "right"), ("disk free", "right"), ("clock offset", "right"),
+                            ("drift ppm", "right"), ("heartbeat", "right")):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
     for w in workers:
         cpu = w.get("cpu_percent")
@@ -28,7 +38,7 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
         cpu_text = f"{cpu:.0f}% of {cores}" if isinstance(cpu, (int, float)) else "-"
         table.add_row(str(w["name"]), str(w["host"]), Text(str(w["state"]), style=_WORKER_STYLE.get(w["state"], "")),
                       cpu_text, _bytes(w.get("memory_available")), _bytes(w.get("disk_free")),
-                      f"{w.get('last_heartbeat_s', 0):.1f} s ago")
+                      *_clock_cells(w.get("clock")), f"{w.get('last_heartbeat_s', 0):.1f} s ago")
     return table
 
 
