@@ -108,3 +108,16 @@ def test_mapping_round_trips_and_serializes() -> None:
     for local in (0, 7_000_000_000, 3_600_000_000_000):
         assert abs(mapping.to_local_ns(mapping.to_cluster_ns(local)) - local) <= 1
     assert ClockMapping.from_dict(mapping.to_dict()) == mapping
+
+
+def test_clock_warnings_name_the_worker_and_its_uncertainty() -> None:
+    from cpcli.cluster.manager import clock_warnings
+
+    workers = {"lab-02": {"finished": True, "clock": {"measured": True, "max_uncertainty_ns": 2_500_000}},
+               "lab-03": {"finished": True, "clock": {"measured": True, "max_uncertainty_ns": 40_000}},
+               "lab-04": {"finished": True, "clock": {"measured": False}}}
+    assert clock_warnings(workers) == [
+        "worker lab-02: clock uncertainty reached 2.50 ms (above 1 ms): its timestamps may be off by that much",
+        "worker lab-04: its clock was never aligned to the manager's"]
+    assert clock_warnings(workers, threshold_ns=5_000_000) == [
+        "worker lab-04: its clock was never aligned to the manager's"]

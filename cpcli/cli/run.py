@@ -133,6 +133,9 @@ def run_command(
         err_console.print("[red]error:[/red] ", end="")
         err_console.print(f"node {node_id} failed: {message}; full traceback in "
                           f"{result.logs_dir / (node_id + '.log')}{on}", markup=False)
+    for warning in result.manifest.get("warnings") or []:
+        err_console.print("[yellow]warning:[/yellow] ", end="")
+        err_console.print(str(warning), markup=False)
     lost = result.manifest.get("lost_workers") or {}
     unfinished = {w: v for w, v in lost.items() if not v.get("finished")}
     for worker, what in lost.items():

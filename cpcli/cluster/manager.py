@@ -39,6 +39,7 @@ from cpcli.transport.protocol import PROTOCOL_VERSION
 POLL_MS = 50
 SESSION_RECORD = "session.json"  # the manager's record of a session while it runs
 LOST = "lost"
+CLOCK_WARN_NS = 1_000_000  # a worker's clock uncertainty above this (1 ms) is a warning in the summary
 
 
 @dataclass(frozen=True)
@@ -615,6 +616,9 @@ class Manager:
         }
         if session.error:
             manifest["error"] = session.error
+        warnings = clock_warnings(workers)
+        if warnings:
+            manifest["warnings"] = warnings
         if session.lost:
             manifest["lost_workers"] = {w: {"lost_at_ns": t, "rejoined_at_ns": session.rejoined.get(w),
                                             "finished": w in session.finished} for w, t in session.lost.items()}
@@ -701,3 +705,16 @@ def _clock_record(history: list[list[Any]]) -> dict[str, Any]:
     return {"offset_ns": int(last[1]), "drift_ppm": round(float(last[2]) / 1e3, 3), "uncertainty_ns": int(last[3]),
             "max_uncertainty_ns": worst, "measured": True,
             "history_columns": ["t_ns", "offset_ns", "drift_ppb", "uncertainty_ns"], "history": history}
+
+
+def clock_warnings(workers: dict[str, Any], threshold_ns: int = CLOCK_WARN_NS) -> list[str]:
+    """What the summary says about the manifest's worker clocks: too uncertain, or never aligned."""
+    warnings = []
+    for name, worker in workers.items():
+        clock = worker.get("clock") or {}
+        if clock.get("measured") and int(clock.get("max_uncertainty_ns") or 0) > threshold_ns:
+            warnings.append(f"worker {name}: clock uncertainty reached {clock['max_uncertainty_ns'] / 1e6:.2f} ms "
+                            f"(above {threshold_ns / 1e6:g} ms): its timestamps may be off by that much")
+        elif not clock.get("measured") and worker.get("finished"):
+            warnings.append(f"worker {name}: its clock was never aligned to the manager's")
+    return warnings
