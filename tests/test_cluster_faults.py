@@ -182,6 +182,12 @@ def test_manager_killed_and_restarted_mid_session_loses_nothing(lab: Lab, tmp_pa
     _check_continuous(cluster.data("w2") / session_dir.name / "w2" / "cam" / "video.timestamps.csv", 13 * FPS)
     events = [json.loads(line)["event"] for line in (session_dir / "events.jsonl").read_text().splitlines()]
     assert "manager_restarted" in events and events[-1] == "session_stopped"
+    # the clock estimate went on through the restart: no step, no gap after it
+    clock = manifest["workers"]["w2"]["clock"]
+    assert clock["measured"] and clock["max_uncertainty_ns"] < 1_000_000
+    times = [row[0] for row in clock["history"]]
+    offsets = [row[1] for row in clock["history"]]
+    assert times[-1] > 12e9 and max(offsets) - min(offsets) < 200_000
 
 
 def test_worker_back_after_the_end_completes_the_manifest(lab: Lab, tmp_path: Path) -> None:
