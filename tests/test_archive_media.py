@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from cpcli.archive.files import FileRecord, FileSink, PortFiles
-from cpcli.archive.media import VideoSegments, WavSegments
+from cpcli.archive.media import AUDIO_TIMESTAMPS, VIDEO_TIMESTAMPS, VideoSegments, WavSegments
 from cpcli.errors import ArchiveError
 
 LOG = logging.getLogger("test.archive.media")
 MS = 1_000_000
+LOCAL_NS = 9_000_000_000_000  # the recording machine's monotonic clock at t_ns = 0
 
 
 def _files(tmp_path: Path, port: str) -> PortFiles:
@@ -77,7 +78,7 @@ def test_file_sink_never_overwrites_a_recording(tmp_path: Path) -> None:
 def test_video_segments_decode_with_right_counts_sizes_and_timestamps(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "video"), 0.5, LOG)
     for i in range(35):  # 3.5 s at 10 fps
-        writer.write(i, i * 100 * MS, np.full((48, 64, 3), _fill(i), np.uint8), None)
+        writer.write(i, i * 100 * MS, LOCAL_NS + i * 100 * MS, np.full((48, 64, 3), _fill(i), np.uint8), None)
     records = writer.close()
 
     segments = sorted(tmp_path.glob("video-*.mp4"))
@@ -94,9 +95,11 @@ def test_video_segments_decode_with_right_counts_sizes_and_timestamps(tmp_path: 
     second.release()
 
     rows = _rows(tmp_path / "video.timestamps.csv")
+    assert tuple(rows[0]) == VIDEO_TIMESTAMPS == ("index", "t_ns", "local_ns", "segment", "frame_in_segment")
     assert [
-        (int(r["index"]), int(r["t_ns"]), int(r["segment"]), int(r["frame_in_segment"])) for r in rows
-    ] == [(i, i * 100 * MS, i // 5, i % 5) for i in range(35)]
+        (int(r["index"]), int(r["t_ns"]), int(r["local_ns"]), int(r["segment"]), int(r["frame_in_segment"]))
+        for r in rows
+    ] == [(i, i * 100 * MS, LOCAL_NS + i * 100 * MS, i // 5, i % 5) for i in range(35)]
     assert sorted(r.kind for r in records) == ["timestamps"] + ["video"] * 7
     _check_records(tmp_path, records)
 
@@ -104,7 +107,7 @@ def test_video_segments_decode_with_right_counts_sizes_and_timestamps(tmp_path: 
 def test_grayscale_video_uses_the_rate_given_and_decodes(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "gray"), 1.0, LOG)
     for i in range(6):
-        writer.write(i, i * 40 * MS, np.full((32, 48), _fill(i), np.uint8), 25.0)
+        writer.write(i, i * 40 * MS, LOCAL_NS + i * 40 * MS, np.full((32, 48), _fill(i), np.uint8), 25.0)
     records = writer.close()
     capture = cv2.VideoCapture(str(tmp_path / "gray-0000.mp4"))
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(25)
@@ -119,9 +122,9 @@ def test_grayscale_video_uses_the_rate_given_and_decodes(tmp_path: Path) -> None
 def test_a_new_frame_size_starts_a_new_segment_and_odd_sizes_are_padded(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "video"), 10.0, LOG)
     for i in range(3):
-        writer.write(i, i * MS, np.zeros((48, 64, 3), np.uint8), 30.0)
+        writer.write(i, i * MS, LOCAL_NS + i * MS, np.zeros((48, 64, 3), np.uint8), 30.0)
     for i in range(3, 5):
-        writer.write(i, i * MS, np.zeros((25, 33, 3), np.uint8), 30.0)
+        writer.write(i, i * MS, LOCAL_NS + i * MS, np.zeros((25, 33, 3), np.uint8), 30.0)
     writer.close()
     assert [f.shape for f in _decode(tmp_path / "video-0000.mp4")] == [(48, 64, 3)] * 3
     assert [f.shape for f in _decode(tmp_path / "video-0001.mp4")] == [(26, 34, 3)] * 2
@@ -138,7 +141,7 @@ def test_a_new_frame_size_starts_a_new_segment_and_odd_sizes_are_padded(tmp_path
 def test_a_video_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "video"), 1.0, LOG)
     with pytest.raises(ArchiveError, match="local/node/video-0000.mp4"):
-        writer.write(0, 0, np.zeros((2, 70000), np.uint8), 30.0)  # wider than any MP4 encoder takes
+        writer.write(0, 0, LOCAL_NS, np.zeros((2, 70000), np.uint8), 30.0)  # wider than any MP4 encoder takes
     writer.close()
     assert not (tmp_path / "video-0000.mp4").exists()
 
@@ -148,7 +151,7 @@ def test_wav_int16_segments_read_back_with_stdlib_wave(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     blocks = [rng.integers(-32768, 32767, (1000, 2), dtype=np.int16) for _ in range(10)]
     for i, block in enumerate(blocks):
-        writer.write(i, i * 125 * MS, block, 8000.0)
+        writer.write(i, i * 125 * MS, LOCAL_NS + i * 125 * MS, block, 8000.0)
     records = writer.close()
 
     assert sorted(p.name for p in tmp_path.glob("mic-*.wav")) == [
@@ -164,9 +167,11 @@ def test_wav_int16_segments_read_back_with_stdlib_wave(tmp_path: Path) -> None:
             data += w.readframes(w.getnframes())
     assert data == np.concatenate(blocks).tobytes()
     rows = _rows(tmp_path / "mic.timestamps.csv")
+    assert tuple(rows[0]) == AUDIO_TIMESTAMPS == ("index", "t_ns", "local_ns", "segment", "frame_offset", "frames")
     assert [(r["segment"], r["frame_offset"], r["frames"]) for r in rows] == [
         (str(i // 4), str(i % 4 * 1000), "1000") for i in range(10)
     ]
+    assert [int(r["local_ns"]) - int(r["t_ns"]) for r in rows] == [LOCAL_NS] * 10
     _check_records(tmp_path, records)
 
 
@@ -196,8 +201,8 @@ def _read_float_wav(path: Path) -> tuple[dict[str, int], np.ndarray]:
 def test_wav_float32_and_float64_become_ieee_float_wav(tmp_path: Path) -> None:
     writer = WavSegments(_files(tmp_path, "mic"), 1.0)
     tone = np.sin(np.arange(4800) / 10.0).astype(np.float64).reshape(-1, 1)
-    writer.write(0, 0, tone[:2400].astype(np.float32), 48000.0)
-    writer.write(1, 50 * MS, tone[2400:, 0], 48000.0)  # 1-D float64: one channel
+    writer.write(0, 0, LOCAL_NS, tone[:2400].astype(np.float32), 48000.0)
+    writer.write(1, 50 * MS, LOCAL_NS + 50 * MS, tone[2400:, 0], 48000.0)  # 1-D float64: one channel
     records = writer.close()
     fields, samples = _read_float_wav(tmp_path / "mic-0000.wav")
     assert fields == {
@@ -215,11 +220,11 @@ def test_wav_float32_and_float64_become_ieee_float_wav(tmp_path: Path) -> None:
 
 def test_wav_header_is_valid_after_each_flush_and_channel_change_starts_a_segment(tmp_path: Path) -> None:
     writer = WavSegments(_files(tmp_path, "mic"), 10.0)
-    writer.write(0, 0, np.zeros((480, 1), np.int16), 48000.0)
+    writer.write(0, 0, LOCAL_NS, np.zeros((480, 1), np.int16), 48000.0)
     writer.flush()
     with wave.open(str(tmp_path / "mic-0000.wav"), "rb") as w:  # what a crash would leave
         assert w.getnframes() == 480
-    writer.write(1, 10 * MS, np.zeros((480, 2), np.int32), 48000.0)
+    writer.write(1, 10 * MS, LOCAL_NS + 10 * MS, np.zeros((480, 2), np.int32), 48000.0)
     writer.close()
     with wave.open(str(tmp_path / "mic-0001.wav"), "rb") as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getnframes()) == (2, 4, 480)
@@ -232,5 +237,5 @@ def test_audio_without_a_sample_rate_is_refused(tmp_path: Path) -> None:
         match="port mic of node node sends audio without a sample rate; "
         r"return Sample\(block, rate_hz=samplerate\)",
     ):
-        writer.write(0, 0, np.zeros((480, 1), np.float32), None)
+        writer.write(0, 0, LOCAL_NS, np.zeros((480, 1), np.float32), None)
     assert writer.close() == []

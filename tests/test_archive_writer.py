@@ -28,6 +28,7 @@ from cpcli.errors import ArchiveError
 REPO = Path(__file__).resolve().parents[1]
 START_NS = 5_000_000_000  # cluster time of session start: files hold t_ns - START_NS
 MS = 1_000_000
+LOCAL_NS = 9_000_000_000_000  # the recording machine's monotonic clock (any value)
 
 
 @pytest.fixture
@@ -82,22 +83,22 @@ def test_classify_names_each_kind_and_refuses_what_cannot_be_recorded() -> None:
 def test_tables_and_events_are_written_and_readable(tmp_path: Path, recorders: list[NodeRecorder]) -> None:
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("level", 0, START_NS + 10 * MS, {"db": -3.25, "clip": False, "note": None}, None)
-    recorder.record(
-        "level", 1, START_NS + 20 * MS, {"db": np.float32(0.1), "clip": np.bool_(True), "note": "a,b"}, None
-    )
-    recorder.record("onsets", 7, START_NS + 30 * MS, {"peaks": np.array([1, 2]), "score": np.float64(0.5)}, None)
+    recorder.record("level", 0, START_NS + 10 * MS, {"db": -3.25, "clip": False, "note": None}, None, LOCAL_NS + 1)
+    row = {"db": np.float32(0.1), "clip": np.bool_(True), "note": "a,b"}
+    recorder.record("level", 1, START_NS + 20 * MS, row, None, LOCAL_NS + 2)
+    onset = {"peaks": np.array([1, 2]), "score": np.float64(0.5)}
+    recorder.record("onsets", 7, START_NS + 30 * MS, onset, None, local_ns=LOCAL_NS + 3)
     records = recorder.stop()
 
     node = tmp_path / "local" / "node"
     assert _rows(node / "level.csv") == [
-        ["index", "t_ns", "db", "clip", "note"],
-        ["0", str(10 * MS), "-3.25", "false", ""],
-        ["1", str(20 * MS), "0.1", "true", "a,b"],
+        ["index", "t_ns", "local_ns", "db", "clip", "note"],
+        ["0", str(10 * MS), str(LOCAL_NS + 1), "-3.25", "false", ""],
+        ["1", str(20 * MS), str(LOCAL_NS + 2), "0.1", "true", "a,b"],
     ]
     lines = (node / "onsets.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"index": 7, "t_ns": 30 * MS, "value": {"peaks": [1, 2], "score": 0.5}}
+        {"index": 7, "t_ns": 30 * MS, "local_ns": LOCAL_NS + 3, "value": {"peaks": [1, 2], "score": 0.5}}
     ]
     assert {(r.path, r.kind) for r in records} == {
         ("local/node/level.csv", "table"),
@@ -112,21 +113,29 @@ def test_tables_and_events_are_written_and_readable(tmp_path: Path, recorders: l
 def test_new_columns_start_a_new_part_and_lose_nothing(tmp_path: Path, recorders: list[NodeRecorder]) -> None:
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("t", 0, START_NS, {"a": 1, "b": 2}, None)
-    recorder.record("t", 1, START_NS, {"b": 3, "a": 4}, None)  # same columns, other order
-    recorder.record("t", 2, START_NS, {"a": 5, "c": 6.5}, None)  # a new column
-    recorder.record("t", 3, START_NS, {"b": 7}, None)  # fewer columns: the rest empty
-    recorder.record("t", 4, START_NS, {"t_ns": 8}, None)  # a reserved name
+    recorder.record("t", 0, START_NS, {"a": 1, "b": 2}, None, local_ns=LOCAL_NS)
+    recorder.record("t", 1, START_NS, {"b": 3, "a": 4}, None, local_ns=LOCAL_NS)  # same columns, other order
+    recorder.record("t", 2, START_NS, {"a": 5, "c": 6.5}, None, local_ns=LOCAL_NS)  # a new column
+    recorder.record("t", 3, START_NS, {"b": 7}, None, local_ns=LOCAL_NS)  # fewer columns: the rest empty
+    recorder.record("t", 4, START_NS, {"t_ns": 8, "local_ns": 9}, None, local_ns=LOCAL_NS)  # reserved names
     records = recorder.stop()
 
     node = tmp_path / "local" / "node"
-    assert _rows(node / "t.csv") == [["index", "t_ns", "a", "b"], ["0", "0", "1", "2"], ["1", "0", "4", "3"]]
-    assert _rows(node / "t-0001.csv") == [
-        ["index", "t_ns", "a", "b", "c"],
-        ["2", "0", "5", "", "6.5"],
-        ["3", "0", "", "7", ""],
+    local = str(LOCAL_NS)
+    assert _rows(node / "t.csv") == [
+        ["index", "t_ns", "local_ns", "a", "b"],
+        ["0", "0", local, "1", "2"],
+        ["1", "0", local, "4", "3"],
     ]
-    assert _rows(node / "t-0002.csv")[0] == ["index", "t_ns", "a", "b", "c", "value_t_ns"]
+    assert _rows(node / "t-0001.csv") == [
+        ["index", "t_ns", "local_ns", "a", "b", "c"],
+        ["2", "0", local, "5", "", "6.5"],
+        ["3", "0", local, "", "7", ""],
+    ]
+    assert _rows(node / "t-0002.csv") == [
+        ["index", "t_ns", "local_ns", "a", "b", "c", "value_t_ns", "value_local_ns"],
+        ["4", "0", local, "", "", "", "8", "9"],
+    ]
     assert [r.path for r in records] == ["local/node/t-0001.csv", "local/node/t-0002.csv", "local/node/t.csv"]
     _check_records(tmp_path, records)
 
@@ -137,7 +146,7 @@ def test_rows_reach_the_disk_within_a_second_while_running(tmp_path: Path, recor
     path = tmp_path / "local" / "node" / "t.csv"
     begun = time.monotonic()
     for i in range(5):
-        recorder.record("t", i, START_NS, {"i": i}, None)
+        recorder.record("t", i, START_NS, {"i": i}, None, local_ns=LOCAL_NS)
     while time.monotonic() - begun < 3 and not (path.exists() and len(_rows(path)) == 6):
         time.sleep(0.02)
     waited_s = time.monotonic() - begun
@@ -151,10 +160,10 @@ def test_every_kind_gets_files_whose_sha256_matches_the_disk(tmp_path: Path, rec
     recorder.start()
     for i in range(12):
         t_ns = START_NS + i * 100 * MS
-        recorder.record("video", i, t_ns, np.full((24, 32, 3), i * 10, np.uint8), 10.0)
-        recorder.record("mic", i, t_ns, np.full((800, 1), i, np.int16), 8000.0)
-        recorder.record("level", i, t_ns, {"i": i}, None)
-        recorder.record("level", i, t_ns, {"i": [i]}, None)  # not a table row: beside it, as an event
+        recorder.record("video", i, t_ns, np.full((24, 32, 3), i * 10, np.uint8), 10.0, local_ns=LOCAL_NS)
+        recorder.record("mic", i, t_ns, np.full((800, 1), i, np.int16), 8000.0, local_ns=LOCAL_NS)
+        recorder.record("level", i, t_ns, {"i": i}, None, local_ns=LOCAL_NS)
+        recorder.record("level", i, t_ns, {"i": [i]}, None, local_ns=LOCAL_NS)  # not a table row: an event beside
     records = recorder.stop()
     kinds = {r.path.rsplit("/", 1)[1]: r.kind for r in records}
     assert kinds == {
@@ -174,17 +183,42 @@ def test_every_kind_gets_files_whose_sha256_matches_the_disk(tmp_path: Path, rec
     assert recorder.stop() == records  # idempotent
 
 
+def test_every_kind_keeps_the_local_clock_it_was_given_beside_t_ns(
+    tmp_path: Path, recorders: list[NodeRecorder]
+) -> None:
+    recorder = _recorder(recorders, tmp_path, video_segment_s=0.5)
+    recorder.start()
+    sent = [(START_NS + i * 100 * MS, LOCAL_NS + i * 100 * MS + 7 * i) for i in range(8)]  # a drifting machine
+    for i, (t_ns, local_ns) in enumerate(sent):
+        recorder.record("video", i, t_ns, np.full((24, 32), i * 10, np.uint8), 10.0, local_ns)
+        recorder.record("mic", i, t_ns, np.zeros((800, 2), np.float32), 8000.0, local_ns=local_ns)
+        recorder.record("level", i, t_ns, {"i": i, "local_ns": -i}, None, local_ns=local_ns)
+        recorder.record("onsets", i, t_ns, [i], None, local_ns=local_ns)
+    recorder.stop()
+    node = tmp_path / "local" / "node"
+    want = [[str(i), str(t_ns - START_NS), str(local_ns)] for i, (t_ns, local_ns) in enumerate(sent)]
+    for name in ("video.timestamps.csv", "mic.timestamps.csv", "level.csv"):
+        rows = _rows(node / name)
+        assert rows[0][:3] == ["index", "t_ns", "local_ns"], name
+        assert [row[:3] for row in rows[1:]] == want, name
+    assert _rows(node / "level.csv")[1] == ["0", "0", str(LOCAL_NS), "0", "0"]  # the row's own local_ns: value_
+    assert _rows(node / "level.csv")[0][3:] == ["i", "value_local_ns"]
+    events = [json.loads(line) for line in (node / "onsets.jsonl").read_text().splitlines()]
+    assert [[str(e["index"]), str(e["t_ns"]), str(e["local_ns"])] for e in events] == want
+    assert all(isinstance(e["local_ns"], int) for e in events)
+
+
 def test_audio_without_a_sample_rate_fails_the_recording_and_keeps_the_rest(
     tmp_path: Path, recorders: list[NodeRecorder]
 ) -> None:
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("level", 0, START_NS, {"x": 1}, None)
-    recorder.record("mic", 0, START_NS, np.zeros((480, 1), np.float32), None)
+    recorder.record("level", 0, START_NS, {"x": 1}, None, local_ns=LOCAL_NS)
+    recorder.record("mic", 0, START_NS, np.zeros((480, 1), np.float32), None, local_ns=LOCAL_NS)
     deadline = time.monotonic() + 5
     with pytest.raises(ArchiveError, match="port mic of node node sends audio without a sample rate"):  # noqa: PT012
         while time.monotonic() < deadline:
-            recorder.record("level", 1, START_NS, {"x": 2}, None)
+            recorder.record("level", 1, START_NS, {"x": 2}, None, local_ns=LOCAL_NS)
             time.sleep(0.01)
     with pytest.raises(RecordingError, match=r"return Sample\(block, rate_hz=samplerate\)") as caught:
         recorder.stop()
@@ -194,7 +228,7 @@ def test_audio_without_a_sample_rate_fails_the_recording_and_keeps_the_rest(
 def test_an_unrecordable_value_is_an_error_naming_its_type(tmp_path: Path, recorders: list[NodeRecorder]) -> None:
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("out", 0, START_NS, object(), None)
+    recorder.record("out", 0, START_NS, object(), None, local_ns=LOCAL_NS)
     with pytest.raises(RecordingError, match="port out of node node: cannot record a value of type object"):
         recorder.stop()
     assert recorder.stats.dropped == 1
@@ -203,8 +237,8 @@ def test_an_unrecordable_value_is_an_error_naming_its_type(tmp_path: Path, recor
 def test_video_then_audio_on_one_port_is_an_error(tmp_path: Path, recorders: list[NodeRecorder]) -> None:
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("out", 0, START_NS, np.zeros((8, 8), np.uint8), 10.0)
-    recorder.record("out", 1, START_NS, np.zeros((8, 1), np.float32), 8000.0)
+    recorder.record("out", 0, START_NS, np.zeros((8, 8), np.uint8), 10.0, local_ns=LOCAL_NS)
+    recorder.record("out", 1, START_NS, np.zeros((8, 1), np.float32), 8000.0, local_ns=LOCAL_NS)
     with pytest.raises(RecordingError, match="port out of node node sends audio after video"):
         recorder.stop()
 
@@ -217,7 +251,7 @@ def test_a_full_queue_counts_drops_instead_of_blocking(
     begun = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="cpcli.archive"):
         for i in range(200):  # nothing drains the queue yet
-            recorder.record("video", i, START_NS + i * MS, frame, 30.0)
+            recorder.record("video", i, START_NS + i * MS, frame, 30.0, local_ns=LOCAL_NS)
     assert time.monotonic() - begun < 0.5
     stats = recorder.stats
     assert (stats.backlog, stats.dropped, stats.written) == (4, 196, 0)
@@ -243,9 +277,9 @@ def test_stop_is_idempotent_and_a_recorder_never_started_writes_nothing(
     assert not (tmp_path / "local").exists()
     recorder = _recorder(recorders, tmp_path)
     recorder.start()
-    recorder.record("t", 0, START_NS, {"a": 1}, None)
+    recorder.record("t", 0, START_NS, {"a": 1}, None, local_ns=LOCAL_NS)
     first = recorder.stop()
-    recorder.record("t", 1, START_NS, {"a": 2}, None)  # too late: counted, not lost silently
+    recorder.record("t", 1, START_NS, {"a": 2}, None, local_ns=LOCAL_NS)  # too late: counted, not lost silently
     assert recorder.stop() == first and len(first) == 1
     assert recorder.stats.dropped == 1
 
@@ -262,9 +296,9 @@ print(start, flush=True)
 i = 0
 while True:
     t = time.monotonic_ns()
-    recorder.record("video", i, t, np.full((48, 64, 3), i % 200, np.uint8), 20.0)
-    recorder.record("level", i, t, {"i": i, "x": i * 0.5}, None)
-    recorder.record("mic", i, t, np.full((400, 1), i, np.int16), 8000.0)
+    recorder.record("video", i, t, np.full((48, 64, 3), i % 200, np.uint8), 20.0, local_ns=t)
+    recorder.record("level", i, t, {"i": i, "x": i * 0.5}, None, local_ns=t)
+    recorder.record("mic", i, t, np.full((400, 1), i, np.int16), 8000.0, local_ns=t)
     i += 1
     time.sleep(0.05)
 """
@@ -321,7 +355,7 @@ def test_a_backlog_of_big_frames_is_bounded_by_bytes_and_counted(tmp_path: Path)
     recorder = NodeRecorder(tmp_path, "lab", "cam", start_ns=0, queue_max_bytes=3 * 640 * 480 * 3)
     frame = np.zeros((480, 640, 3), dtype=np.uint8)
     for i in range(40):  # the writer thread has not started: nothing leaves the queue
-        recorder.record("video", i, i * 33_000_000, frame, 30.0)
+        recorder.record("video", i, i * 33_000_000, frame, 30.0, local_ns=LOCAL_NS)
     stats = recorder.stats
     assert stats.backlog == 3 and stats.dropped == 37
     recorder.stop()

@@ -178,6 +178,67 @@ def test_timestamps_going_backwards_are_a_problem_with_file_and_line(clean: Path
     assert _stream(report, "cam.video").non_monotonic == 1
 
 
+def _local_minus_t(session: Path) -> dict[str, list[int]]:
+    """local_ns - t_ns of every row of every recorded stream, by file name."""
+    found: dict[str, list[int]] = {}
+    for path in sorted(session.glob("*/*/*.csv")) + sorted(session.glob("*/*/*.jsonl")):
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh)) if path.suffix == ".csv" else [json.loads(line) for line in fh]
+        found[path.name] = [int(r["local_ns"]) - int(r["t_ns"]) for r in rows]
+    return found
+
+
+def test_every_stream_keeps_the_raw_local_clock_beside_t_ns(clean: Path) -> None:
+    found = _local_minus_t(clean)
+    assert set(found) == {"video.timestamps.csv", "audio.timestamps.csv", "level.csv", "tick.jsonl"}
+    differences = [d for values in found.values() for d in values]
+    assert len(differences) > 40
+    assert max(differences) - min(differences) < 1_000_000  # one machine: the same session start on its clock
+    assert min(differences) > 0  # absolute monotonic time, not the session timeline
+    with _file(clean, "level/level.csv").open(newline="") as fh:
+        assert next(csv.reader(fh))[:3] == ["index", "t_ns", "local_ns"]
+
+
+def test_the_local_clock_going_backwards_is_a_problem_with_file_and_line(clean: Path) -> None:
+    def swap(rows: list[list[str]]) -> list[list[str]]:
+        rows[5][2], rows[6][2] = rows[6][2], rows[5][2]
+        return rows
+
+    table = _file(clean, "level/level.csv")
+    _rewrite_csv(table, swap)
+    report = inspect_session(clean)
+    rel = table.relative_to(clean).as_posix()
+    assert f"level.level: local timestamps (local_ns) go backwards at 1 row (first at {rel}:7:" in _problems(report)
+    assert _stream(report, "level.level").non_monotonic == 0  # t_ns is still in order
+
+
+def _drop_local(path: Path) -> None:
+    """Rewrite a recorded file as a cpcli before `local_ns` wrote it."""
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "local_ns"}, separators=(",", ":"))
+                                + "\n" for e in lines))
+    else:
+        _rewrite_csv(path, lambda rows: [row[:2] + row[3:] for row in rows])
+
+
+def test_a_session_recorded_before_local_ns_still_inspects_clean(clean: Path) -> None:
+    before = {s.name: s.samples for s in inspect_session(clean).streams}
+    manifest = json.loads((clean / "manifest.json").read_text())
+    for node in manifest["nodes"].values():
+        for entry in node["files"]:
+            path = clean / entry["path"]
+            if path.suffix in (".csv", ".jsonl"):
+                _drop_local(path)
+                entry["bytes"], entry["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    (clean / "manifest.json").write_text(json.dumps(manifest))
+    assert not any("local_ns" in p.read_text() for p in clean.glob("*/*/*.*") if p.suffix in (".csv", ".jsonl"))
+    report = inspect_session(clean)
+    assert not report.problems, _problems(report)
+    assert {s.name: s.samples for s in report.streams} == before
+    assert all(f.status == "ok" for s in report.streams for f in s.files)
+
+
 def test_a_truncated_video_segment_is_a_problem_in_frames(clean: Path) -> None:
     segment = _file(clean, "cam/video-0000.mp4")
     segment.write_bytes(segment.read_bytes()[:2000])

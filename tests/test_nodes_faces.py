@@ -237,13 +237,13 @@ def test_recorded_faces_have_a_row_and_an_event_per_frame(registry: Registry, tm
     node_dir = result.session_dir / "lab" / "faces"
     with open(node_dir / "faces.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["index", "t_ns", *COLUMNS] and len(rows) == seen
+    assert list(rows[0]) == ["index", "t_ns", "local_ns", *COLUMNS] and len(rows) == seen
     counts = [int(r["count"]) for r in rows]
     assert set(counts) == {0, 1} and counts.count(1) >= seen // 2 - 1
     assert all((r["x"] == "") == (r["count"] == "0") for r in rows)  # no face: empty cells
     events = [json.loads(line) for line in (node_dir / "boxes.jsonl").read_text().splitlines()]
     assert len(events) == seen
-    assert [int(r["t_ns"]) for r in rows] == [e["t_ns"] for e in events]
+    assert [(int(r["t_ns"]), int(r["local_ns"])) for r in rows] == [(e["t_ns"], e["local_ns"]) for e in events]
     for row, event in zip(rows, events, strict=True):
         largest = [int(row[k]) for k in ("x", "y", "w", "h")] if row["x"] else None
         assert len(event["value"]) == int(row["count"]) and (event["value"] or [None])[0] == largest

@@ -52,7 +52,7 @@ def test_demo_recipe_records_every_stream_and_lists_it_in_the_manifest(registry:
     assert gray["dropped_in"] == {"cam": 0}
     with open(result.session_dir / "lab" / "motion" / "motion.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["index", "t_ns", "motion"]
+    assert list(rows[0]) == ["index", "t_ns", "local_ns", "motion"]
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
     times = [int(r["t_ns"]) for r in rows]
     assert times == sorted(times) and 0 <= times[0] < 1e9

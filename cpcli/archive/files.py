@@ -32,8 +32,8 @@ class StreamWriter(ABC):
     """The files of one port and one sample kind; used only by the recorder's writer thread."""
 
     @abstractmethod
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
-        """Append one sample (`t_ns` on the session timeline)."""
+    def write(self, index: int, t_ns: int, local_ns: int, value: Any, rate_hz: float | None) -> None:
+        """Append one sample (`t_ns` on the session timeline, `local_ns` the recording machine's monotonic time)."""
 
     @abstractmethod
     def flush(self) -> None:

@@ -18,9 +18,9 @@ from cpcli.errors import ArchiveError
 
 DEFAULT_FPS = 30.0  # an MP4's frame rate before two frames have shown the real one
 VIDEO_FOURCCS = ("avc1", "mp4v")  # H.264 where this OpenCV build can encode it, else MPEG-4 part 2
-VIDEO_TIMESTAMPS = ("index", "t_ns", "segment", "frame_in_segment")
+VIDEO_TIMESTAMPS = ("index", "t_ns", "local_ns", "segment", "frame_in_segment")
 PARTIAL_DIR = ".partial"  # video segments being written; moved out when closed (playable)
-AUDIO_TIMESTAMPS = ("index", "t_ns", "segment", "frame_offset", "frames")
+AUDIO_TIMESTAMPS = ("index", "t_ns", "local_ns", "segment", "frame_offset", "frames")
 WAVE_PCM, WAVE_FLOAT = 1, 3  # WAVE format tags
 
 
@@ -84,7 +84,7 @@ class VideoSegments(_Segments):
         self._seen = 0  # frames of the whole stream, for the frame-rate estimate
         self._fourcc: str | None = None
 
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+    def write(self, index: int, t_ns: int, local_ns: int, value: Any, rate_hz: float | None) -> None:
         frame = np.ascontiguousarray(value)
         height, width = frame.shape[:2]
         if height % 2 or width % 2:
@@ -99,7 +99,7 @@ class VideoSegments(_Segments):
             self._close_segment()
             self._open_segment(frame.shape, t_ns, rate_hz)
         self._writer.write(frame)
-        self._stamp((index, t_ns, self._number, self._frames))
+        self._stamp((index, t_ns, local_ns, self._number, self._frames))
         self._frames += 1
 
     def flush(self) -> None:
@@ -214,7 +214,7 @@ class WavSegments(_Segments):
     def bytes_written(self) -> int:
         return super().bytes_written + (self._wav.sink.bytes_written if self._wav else 0)
 
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+    def write(self, index: int, t_ns: int, local_ns: int, value: Any, rate_hz: float | None) -> None:
         if rate_hz is None or not math.isfinite(rate_hz) or rate_hz < 1:
             rate = "without a sample rate" if rate_hz is None else f"at a sample rate of {rate_hz} Hz"
             raise ArchiveError(
@@ -230,7 +230,7 @@ class WavSegments(_Segments):
             wav = self._wav = _WavFile(self._files.sink(self._files.segment(self._number, "wav"), "audio"), *layout)
         offset = wav.frames
         wav.append(np.ascontiguousarray(block, dtype=dtype).tobytes(), block.shape[0])
-        self._stamp((index, t_ns, self._number, offset, block.shape[0]))
+        self._stamp((index, t_ns, local_ns, self._number, offset, block.shape[0]))
 
     def flush(self) -> None:
         if self._wav is not None:

@@ -13,7 +13,7 @@ from cpcli.archive.files import sha256_file
 from cpcli.archive.media import PARTIAL_DIR
 from cpcli.archive.mediacheck import check_audio, check_video
 from cpcli.archive.report import FileCheck, Findings, Gaps, StreamReport
-from cpcli.archive.rows import Rows, read_rows
+from cpcli.archive.rows import LOCAL, Rows, read_rows
 from cpcli.archive.streams import RecordedNode, RecordedStream
 
 GAP_PERIODS = 2.0  # an interval longer than this many median intervals is a gap
@@ -83,6 +83,8 @@ def inspect_stream(root: Path, stream: RecordedStream, node: RecordedNode, expec
     notes: list[str] = []
     nominal, nominal_from = _nominal(node, stream.kind)
     timing = _timing(t, rows, name, findings)
+    if rows.has_local:  # the recording machine's monotonic clock never steps back; older sessions lack it
+        _backwards(rows.np(LOCAL), rows, name, f"local timestamps ({LOCAL})", findings)
     rate = (len(t) - 1) * 1e9 / (t[-1] - t[0]) if len(t) >= 2 and t[-1] > t[0] else None
     audio = video = None
     if stream.kind == "audio":
@@ -128,14 +130,10 @@ def _timing(t: npt.NDArray[np.int64], rows: Rows, name: str, findings: Findings
     if len(t) < 2:
         return None, Gaps(), None, 0
     d = np.diff(t)
-    back = np.flatnonzero(d < 0)
-    if len(back):
-        first = int(back[0]) + 1
-        findings.problem(name, f"timestamps go backwards at {len(back)} row{'s' if len(back) > 1 else ''} "
-                               f"(first at {rows.where(first)}: {t[first - 1] / 1e9:.3f} s -> {t[first] / 1e9:.3f} s)")
+    back = _backwards(t, rows, name, "timestamps", findings)
     positive = d[d > 0]
     if not len(positive):
-        return None, Gaps(), None, len(back)
+        return None, Gaps(), None, back
     median = float(np.median(positive))
     jitter = float(np.percentile(np.abs(d - median), 99)) / 1e6
     long = np.flatnonzero(d > GAP_PERIODS * median)
@@ -145,7 +143,17 @@ def _timing(t: npt.NDArray[np.int64], rows: Rows, name: str, findings: Findings
         gaps = Gaps(len(long), float(d[worst]) / 1e6, float(t[worst]) / 1e9)
         findings.warning(name, f"{len(long)} gaps longer than {GAP_PERIODS:g} periods ({median / 1e6:.3g} ms), "
                                f"longest {gaps.longest_ms:.0f} ms at {gaps.longest_at_s:.3f} s")
-    return median, gaps, jitter, len(back)
+    return median, gaps, jitter, back
+
+
+def _backwards(values: npt.NDArray[np.int64], rows: Rows, name: str, what: str, findings: Findings) -> int:
+    """Rows whose `values` (nanoseconds) go back from the row before, found as a problem; how many."""
+    back = np.flatnonzero(np.diff(values) < 0)
+    if len(back):
+        first = int(back[0]) + 1
+        findings.problem(name, f"{what} go backwards at {len(back)} row{'s' if len(back) > 1 else ''} (first at "
+                               f"{rows.where(first)}: {values[first - 1] / 1e9:.3f} s -> {values[first] / 1e9:.3f} s)")
+    return len(back)
 
 
 def check_indexes(streams: list[RecordedStream], reports: list[StreamReport], indexes: list[npt.NDArray[np.int64]],

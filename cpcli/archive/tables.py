@@ -12,7 +12,7 @@ import numpy as np
 from cpcli.archive.files import CsvSink, FileRecord, FileSink, PortFiles, StreamWriter
 from cpcli.errors import ArchiveError
 
-RESERVED_COLUMNS = ("index", "t_ns")  # every table starts with these; row keys of those names get `value_`
+RESERVED_COLUMNS = ("index", "t_ns", "local_ns")  # every table starts with these; row keys of those names get `value_`
 
 
 def _json_default(value: Any) -> Any:
@@ -86,7 +86,7 @@ def _cell(value: Any) -> str:
 
 
 class TableWriter(StreamWriter):
-    """Table rows into `<port>.csv`: `index,t_ns` then the first row's columns in order.
+    """Table rows into `<port>.csv`: `index,t_ns,local_ns` then the first row's columns in order.
 
     A row with a column the header lacks starts a new part `<port>-0001.csv` whose header adds
     the new columns; a row missing columns leaves them empty, like None.
@@ -104,7 +104,7 @@ class TableWriter(StreamWriter):
     def bytes_written(self) -> int:
         return self._closed_bytes + (self._sink.bytes_written if self._sink else 0)
 
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+    def write(self, index: int, t_ns: int, local_ns: int, value: Any, rate_hz: float | None) -> None:
         row: Mapping[str, Any] = value
         new = [key for key in row if key not in self._columns]
         if self._sink is None or new:
@@ -120,7 +120,7 @@ class TableWriter(StreamWriter):
                 *(f"value_{c}" if c in RESERVED_COLUMNS else c for c in self._columns),
             ]
             self._sink = self._files.csv(name, "table", header)
-        self._sink.write_row([index, t_ns, *(_cell(row.get(c)) for c in self._columns)])
+        self._sink.write_row([index, t_ns, local_ns, *(_cell(row.get(c)) for c in self._columns)])
 
     def flush(self) -> None:
         if self._sink is not None:
@@ -139,7 +139,7 @@ class TableWriter(StreamWriter):
 
 
 class EventsWriter(StreamWriter):
-    """Events into `<port>.jsonl`, one `{"index":..,"t_ns":..,"value":..}` object a line."""
+    """Events into `<port>.jsonl`, one `{"index":..,"t_ns":..,"local_ns":..,"value":..}` object a line."""
 
     def __init__(self, files: PortFiles) -> None:
         self._files = files
@@ -149,11 +149,12 @@ class EventsWriter(StreamWriter):
     def bytes_written(self) -> int:
         return self._sink.bytes_written if self._sink else 0
 
-    def write(self, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+    def write(self, index: int, t_ns: int, local_ns: int, value: Any, rate_hz: float | None) -> None:
         text = _to_json(value, f"{self._files.where}: ")
         if self._sink is None:
             self._sink = self._files.sink(f"{self._files.port}.jsonl", "events")
-        self._sink.write(f'{{"index":{int(index)},"t_ns":{int(t_ns)},"value":{text}}}\n'.encode())
+        line = f'{{"index":{int(index)},"t_ns":{int(t_ns)},"local_ns":{int(local_ns)},"value":{text}}}\n'
+        self._sink.write(line.encode())
 
     def flush(self) -> None:
         if self._sink is not None:

@@ -46,6 +46,7 @@ class _Item(NamedTuple):
     port: str
     seq: int
     t_ns: int  # on the session timeline
+    local_ns: int  # the recording machine's raw monotonic time of the same instant, for re-alignment
     value: Any
     rate_hz: float | None
     nbytes: int  # what the queued value holds in memory (arrays), for the byte bound
@@ -112,8 +113,11 @@ class NodeRecorder:
         self._thread = threading.Thread(target=self._run, name=f"cpcli-recorder-{self._node_id}", daemon=True)
         self._thread.start()
 
-    def record(self, port: str, index: int, t_ns: int, value: Any, rate_hz: float | None) -> None:
+    def record(self, port: str, index: int, t_ns: int, value: Any, rate_hz: float | None, local_ns: int) -> None:
         """Queue one sample of `port` (`index` its sequence number, `t_ns` cluster time); never blocks.
+
+        `local_ns` is the same instant on this machine's monotonic clock (`time.monotonic_ns()`);
+        it is written beside `t_ns` so the stream can be re-aligned after the session.
 
         Raises:
             ArchiveError: an earlier sample could not be written (the recording is failing).
@@ -122,7 +126,7 @@ class NodeRecorder:
         if error is not None:
             raise ArchiveError(error.message, error.hint) from error
         nbytes = int(getattr(value, "nbytes", 0))
-        item = _Item(port, index, t_ns - self._start_ns, value, rate_hz, nbytes)
+        item = _Item(port, index, t_ns - self._start_ns, int(local_ns), value, rate_hz, nbytes)
         with self._lock:
             fits = self._backlog == 0 or self._queued_bytes + nbytes <= self._queue_max_bytes
             if not self._closing and fits:
@@ -219,7 +223,8 @@ class NodeRecorder:
         written = False
         if item.port not in self._failed_ports:
             try:
-                self._writer_for(item.port, kind_of(item.value)).write(item.seq, item.t_ns, item.value, item.rate_hz)
+                writer = self._writer_for(item.port, kind_of(item.value))
+                writer.write(item.seq, item.t_ns, item.local_ns, item.value, item.rate_hz)
                 written = True
             except Exception as err:  # the thread's boundary: every failure must reach record() and stop()
                 self._fail(item.port, err)

@@ -339,7 +339,8 @@ class Driver:
             t_ns = done_ns if sample.t_ns is None else sample.t_ns
             seq = self._publisher.publish(port, sample.value, t_ns, sample.rate_hz)
             if self._recorder is not None:
-                self._recorder.record(port, seq, t_ns, sample.value, sample.rate_hz)
+                self._recorder.record(port, seq, t_ns, sample.value, sample.rate_hz,
+                                      local_ns=self._clock.mapping.to_local_ns(t_ns))
 
     # -- reporting and the end ---------------------------------------------------------------
 
