@@ -29,9 +29,12 @@ def _clock_cells(clock: Any) -> tuple[str, str]:
 def workers_table(workers: list[dict[str, Any]]) -> Table:
     table = Table(title="workers", title_justify="left", pad_edge=False)
     for header, justify in (("name", "left"), ("host", "left"), ("state", "left"), ("CPU", "right"),
-                            ("memory free", "right"), ("disk free", "right"), ("clock offset", "right"),
+                            ("mem free", "right"), ("disk free", "right"), ("clock offset", "right"),
                             ("drift ppm", "right"), ("heartbeat", "right")):
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+        # names, addresses and states are never cut short: the other columns wrap first on a narrow terminal
+        keep = header in ("name", "host", "state")
+        table.add_column(header, justify=justify, no_wrap=keep,  # type: ignore[arg-type]
+                         min_width=max((len(str(w.get(header, ""))) for w in workers), default=0) if keep else None)
     for w in workers:
         cpu = w.get("cpu_percent")
         cores = w.get("cpu_count")
