@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+CLOCK_WARN_NS = 1_000_000  # a machine's clock uncertainty above this (1 ms) is a warning in summaries
+
 
 @dataclass(frozen=True)
 class ClockMapping:

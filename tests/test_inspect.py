@@ -24,7 +24,7 @@ from cpcli.archive.inspect import SessionReport, StreamReport, inspect_session
 from cpcli.cli import is_ours
 from cpcli.cli.reports import findings_lines, streams_table
 from cpcli.errors import ArchiveError
-from tests.conftest import cp, write_recipe
+from tests.conftest import ROOT, cp, write_recipe
 
 PLUGIN_DEVICES = Path(__file__).resolve().parent / "plugin_devices"  # the `ticker` event source
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PLUGIN_DEVICES), os.environ.get("PYTHONPATH"))
@@ -392,3 +392,22 @@ def test_the_table_puts_notes_below_it_on_a_narrow_console(clean: Path) -> None:
         assert max(len(line) for line in text.splitlines()) <= width
         assert "cam.video" in text and "ok: no problems in 4 streams" in text
         assert ("  cam.video: frames" in text) is not inline
+
+
+def test_cluster_findings_clock_uncertainty_and_a_worker_never_back(tmp_path: Path) -> None:
+    result = cp("run", str(ROOT / "recipes" / "demo.yaml"), "--duration", "1s", "--out", str(tmp_path / "s"),
+                "--local", "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    session = Path(json.loads(result.stdout)["session_dir"])
+    copy = tmp_path / "copy"
+    shutil.copytree(session, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["workers"]["lab-02"] = {"host": "198.18.0.2", "clock": {"measured": True, "max_uncertainty_ns": 3_000_000}}
+    manifest["lost_workers"] = {"lab-02": {"lost_at_ns": 4_200_000_000, "rejoined_at_ns": None, "finished": False}}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    found = {(f.where, f.what) for f in inspect_session(copy).findings}
+    assert ("worker lab-02", "clock uncertainty reached 3.00 ms (above 1 ms): its timestamps may be off by that "
+            "much") in found
+    assert ("worker lab-02", "was lost at 4.2 s and never reported its recordings; they are on that machine "
+            "(cp collect)") in found
+    assert not any(f.where.startswith("worker") for f in inspect_session(session).findings)

@@ -47,6 +47,7 @@ from cpcli.archive.streams import (
     read_records,
     scan_disk,
 )
+from cpcli.clock import CLOCK_WARN_NS
 
 __all__ = [
     "CLIP_CHUNK_SAMPLES", "CLIP_LEVEL", "CLIP_PROBLEM_SHARE", "CRASH_TAIL_S", "DECODE_FRAMES_MAX", "DEVICE_DROP_KEYS",
@@ -75,6 +76,7 @@ def inspect_session(session_dir: Path, *, decode_frames_max: int = DECODE_FRAMES
         findings.warning("session", "no manifest: cp run did not finish; reporting what is on disk")
     if manifest is not None:
         _check_nodes(manifest, findings)
+        _check_cluster(manifest, findings)
     streams = find_streams(root, expected, disk)
     _check_drops(nodes, streams, findings)
     results = [inspect_stream(root, s, nodes.get(s.node, RecordedNode()), expected, manifest is not None,
@@ -99,6 +101,22 @@ def _check_nodes(manifest: dict[str, Any], findings: Findings) -> None:
             findings.problem(f"node {node_id}", f"failed: {entry.get('error') or 'no reason recorded'}")
         elif entry.get("record") and not entry.get("files"):
             findings.warning(f"node {node_id}", "was to be recorded but wrote no files")
+
+
+def _check_cluster(manifest: dict[str, Any], findings: Findings) -> None:
+    """What a cluster session's manifest says about its machines: clocks, and workers that were lost."""
+    for name, worker in (manifest.get("workers") or {}).items():
+        clock = worker.get("clock") if isinstance(worker, dict) else None
+        if not isinstance(clock, dict) or not clock.get("measured"):
+            continue
+        worst = int(clock.get("max_uncertainty_ns") or 0)
+        if worst > CLOCK_WARN_NS:
+            findings.warning(f"worker {name}", f"clock uncertainty reached {worst / 1e6:.2f} ms (above "
+                                               f"{CLOCK_WARN_NS / 1e6:g} ms): its timestamps may be off by that much")
+    for name, lost in (manifest.get("lost_workers") or {}).items():
+        if isinstance(lost, dict) and not lost.get("finished"):
+            findings.problem(f"worker {name}", f"was lost at {int(lost.get('lost_at_ns') or 0) / 1e9:.1f} s and never "
+                                               "reported its recordings; they are on that machine (cp collect)")
 
 
 def _check_drops(nodes: dict[str, RecordedNode], streams: list[RecordedStream], findings: Findings) -> None:

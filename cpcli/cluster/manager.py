@@ -26,6 +26,7 @@ from cpcli import __version__
 from cpcli.archive.files import file_record
 from cpcli.archive.manifest import read_node_record, write_json_atomically, write_manifest
 from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
+from cpcli.clock import CLOCK_WARN_NS
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Router
 from cpcli.cluster.clocknet import ClockServer
@@ -39,7 +40,6 @@ from cpcli.transport.protocol import PROTOCOL_VERSION
 POLL_MS = 50
 SESSION_RECORD = "session.json"  # the manager's record of a session while it runs
 LOST = "lost"
-CLOCK_WARN_NS = 1_000_000  # a worker's clock uncertainty above this (1 ms) is a warning in the summary
 
 
 @dataclass(frozen=True)
