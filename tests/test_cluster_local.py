@@ -86,6 +86,9 @@ def test_run_and_status_find_the_manager_of_this_machine(manager: LocalManager, 
     assert not (tmp_path / "sessions").exists()  # nothing recorded where cp run was started
     inspect = cp("inspect", str(sessions[0]), cwd=tmp_path)
     assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    after = json.loads(cp("status", "--json", cwd=tmp_path).stdout)
+    seen = [(e["event"], e["session"]) for e in after["events"]]
+    assert ("session_started", sessions[0].name) in seen and seen[-1] == ("session_stopped", sessions[0].name)
 
 
 def test_out_refuses_a_cluster_run_and_local_runs_here(manager: LocalManager, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +39,8 @@ from cpcli.runtime.wiring import Bound, wiring
 from cpcli.transport.protocol import PROTOCOL_VERSION
 
 POLL_MS = 50
+RECENT_EVENTS = 200  # lifecycle events and marks kept in memory for status and monitor
+STATUS_EVENTS = 30  # of which a status reply carries the newest
 SESSION_RECORD = "session.json"  # the manager's record of a session while it runs
 LOST = "lost"
 
@@ -150,6 +153,7 @@ class Manager:
         self.session: ClusterSession | None = None
         self._events: EventLog | None = None
         self._last_result: dict[str, Any] | None = None
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)  # for cp status and cp monitor
         self._next_beat = 0.0
         self.started = time.monotonic()
         self._adopt_unfinished()
@@ -522,6 +526,8 @@ class Manager:
             status = dict(session.statuses.get(node["id"]) or {"id": node["id"], "type": node["type"],
                                                                "state": "starting"})
             status["worker"] = node["worker"]
+            if node["id"] in session.bound:  # where a monitor subscribes to its previews
+                status["endpoint"] = session.bound[node["id"]].endpoint
             if node["worker"] in lost and status.get("state") not in ("done", "failed"):
                 status["state"] = LOST
             view[node["id"]] = status
@@ -634,7 +640,9 @@ class Manager:
     def _event(self, target: ClusterSession, event: str, at_ns: int | None = None, **fields: Any) -> None:
         if self._events is None:
             self._events = EventLog(target.dir / "events.jsonl")
-        self._events.write(target.t_ns() if at_ns is None else at_ns, event, **fields)
+        t_ns = target.t_ns() if at_ns is None else at_ns
+        self._events.write(t_ns, event, **fields)
+        self.recent_events.append({"t_ns": t_ns, "event": event, "session": target.name, **fields})
 
     def _persist(self, session: ClusterSession) -> None:
         write_json_atomically(session.dir / SESSION_RECORD, session.record())
@@ -684,7 +692,7 @@ class Manager:
                             "protocol": PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                             "local_worker": self.config.local_worker},
                 "workers": [e.public(now) for e in sorted(self.workers.values(), key=lambda e: e.name)],
-                "session": session}
+                "session": session, "events": list(self.recent_events)[-STATUS_EVENTS:]}
 
 
 def _clock_view(mapping: dict[str, Any]) -> dict[str, Any] | None:
