@@ -338,6 +338,7 @@ class Driver:
             sample = value if isinstance(value, Sample) else Sample(value)
             t_ns = done_ns if sample.t_ns is None else sample.t_ns
             seq = self._publisher.publish(port, sample.value, t_ns, sample.rate_hz)
+            self._publisher.offer_preview(port, sample.value, t_ns)
             if self._recorder is not None:
                 self._recorder.record(port, seq, t_ns, sample.value, sample.rate_hz,
                                       local_ns=self._clock.mapping.to_local_ns(t_ns))

@@ -18,7 +18,7 @@ import zmq
 
 from cpcli.errors import TransportError
 from cpcli.node import Sample
-from cpcli.transport import shm
+from cpcli.transport import preview, shm
 from cpcli.transport.protocol import (
     KIND_ARRAY,
     KIND_END,
@@ -76,6 +76,9 @@ class Publisher:
         self._log = logger or logging.getLogger("cpcli.pubsub")
         self._topics = {p: topic_for(node_id, p) for p in ports}
         self._local_topics = {p: LOCAL_MARK + t for p, t in self._topics.items()}
+        self._preview_topics = {p: preview.preview_topic(t) for p, t in self._topics.items()}
+        self._previews: dict[str, preview.PreviewState] = {}
+        self.previews_sent = 0
         self._seq = dict.fromkeys(ports, 0)
         self._subscribers: dict[bytes, int] = {}
         self._plan: SharedMemoryPlan | None = None
@@ -133,6 +136,29 @@ class Publisher:
                 if wanted:
                     self._socket.send_multipart([topic, header, payload])
         return seq
+
+    def offer_preview(self, port: str, value: Any, t_ns: int) -> None:
+        """Send a preview of this sample if a monitor watches the port and the last one is old enough."""
+        topic = self._preview_topics[port]
+        if not self._subscribers.get(topic):
+            self._previews.pop(port, None)
+            return
+        state = self._previews.setdefault(port, preview.PreviewState())
+        preview.accumulate(state, value)
+        if t_ns - state.last_ns < preview.PREVIEW_INTERVAL_NS:
+            return
+        state.last_ns = t_ns
+        shown = preview.make(value, state)
+        try:
+            if isinstance(shown, np.ndarray):
+                header = encode_header(Header(self._seq[port] - 1, t_ns, KIND_ARRAY, shown.dtype.str, shown.shape))
+                self._socket.send_multipart([topic, header, shown.data], zmq.NOBLOCK)
+            else:
+                header = encode_header(Header(self._seq[port] - 1, t_ns, KIND_OBJECT))
+                self._socket.send_multipart([topic, header, pack_object(shown)], zmq.NOBLOCK)
+        except (zmq.Again, TransportError):
+            return  # a slow monitor, or a value that is not plain data: the preview is skipped, never the data
+        self.previews_sent += 1
 
     def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None) -> None:
         pool = self._pool or self._make_pool(array.nbytes)
