@@ -2,7 +2,7 @@
 
 Run as root, as a plain script (not a pytest test):
 
-    python benchmarks/cluster_scale.py              # about 1.5 minutes
+    python benchmarks/cluster_scale.py              # about 75 s
     python benchmarks/cluster_scale.py --json
     python benchmarks/cluster_scale.py --workers 4  # smoke run: figures printed, no verdict
     python benchmarks/cluster_scale.py --wait-quiet 60  # first wait (<= 60 s) for a machine < 20 % busy
@@ -25,14 +25,16 @@ All times are this machine's monotonic clock, which every namespace shares.
    (discard), and `remote` (discard) reading the next worker's `cam` (data across hosts).
    `cp run --duration 5s --json` is launched on host 1; launch -> session start =
    manifest `clock.start_cluster_ns` - launch; launch -> last sink's first sample = that +
-   the largest `first_in_ns` of the 32 sinks. Where the time goes: the session folder's creation
-   (RUN reached the manager), the workers' "starting N nodes" / "recording" lines, each node
-   process's start (/proc starttime) and its CPU until the session started, and the manager's
-   view of the node states (`--no-trace` turns off that poller: one small status request every
-   0.25 s from a helper process on host 1).
+   the largest `first_in_ns` of the 32 sinks (session time: the nodes stamp in cluster time and
+   START carries the manager's start). Where the time goes: the session folder's creation (RUN
+   reached the manager), the workers' "starting" / "recording" lines, each node process's start
+   (/proc starttime), when its CPU went flat until the start (done starting: imports, setup,
+   wiring), and the CPU every process used until the session started.
 3. manager CPU idle: after the join (and 3 s of settling), the manager process's user+system
    time over `--idle-window` seconds (psutil, by its pid: `ip netns exec` execs, so the Popen
-   pid is the manager itself), as % of one core, split by thread.
+   pid is the manager itself), as % of one core, split by thread. Measured before step 2.
+4. floor (`--no-floor` skips it): the same 4 nodes on one worker alone, and one more worker
+   joining alone, on the then idle machine: one laptop's share of the work in a real lab.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -67,14 +68,12 @@ VIDEO = (64, 48, 10.0)  # width, height, rate_hz of each source: start-up is mea
 RUN_DURATION_S = 5  # the session's --duration (counted from its start)
 LOG_POLL_S = 0.02  # how often worker logs are read: the resolution of the per-worker times
 SCAN_S = 0.1  # how often node processes are looked for and their CPU read during the run
-TRACE_S = 0.25  # the manager-view poller's interval
 JOIN_LIMIT_S = 90.0  # launch -> all joined, at most (far beyond any target: something is broken)
 RUN_LIMIT_S = 180.0  # `cp run` launch -> exit, at most (its nodes' ready timeout is 30 s)
 STATUS_LIMIT_S = 30.0  # one `cp status`
 SETTLED_CPU_S = 0.02  # a node process that used less than this until the start was done starting
 SETTLE_S = 3.0  # after the join, before the idle window: registration work and the status calls end
 DEFAULT_IDLE_WINDOW_S = 20.0
-HELPER_START_S = 30.0  # the trace helper's first line, at most
 STOP_GRACE_S = 10.0  # our cluster processes after SIGTERM, before the lab's teardown kills them
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -119,7 +118,7 @@ def _proc_times(pid: int) -> tuple[float, float] | None:
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    # after the command: state ppid ... utime(12) stime(13) ... starttime(20), 0-based from state
+    # proc(5) fields 14 utime, 15 stime, 22 starttime: indexes 11, 12, 19 counting from field 3 (state)
     return int(stat[19]) / CLK_TCK - _boot_offset_s(), (int(stat[11]) + int(stat[12])) / CLK_TCK
 
 
@@ -128,46 +127,26 @@ def _cpu_s(pid: int) -> float:
     return times[1] if times else float("nan")
 
 
-def _node_of(proc: psutil.Process) -> str:
+def _children(pid: int) -> list[int]:
+    """Child pids of process `pid`, from /proc (cheap: no scan of every process, unlike psutil)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(x) for x in task.read_text().split()]
+    return found
+
+
+def _node_of(pid: int) -> str:
     """The node id of a node process (`python -m cpcli.runtime.driver ... --node ID ...`), or ''."""
-    with contextlib.suppress(psutil.Error, ValueError, IndexError):
-        argv = proc.cmdline()
-        return str(argv[argv.index("--node") + 1])
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return argv[argv.index(b"--node") + 1].decode()
     return ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
-
-
-# -- the trace helper (runs on host 1, inside the lab) ---------------------------------------------
-
-
-def role_trace(address: str, interval_s: float, limit_s: float) -> None:
-    """Ask the manager for its status every interval_s; one JSON line each, until stdin closes."""
-    from cpcli.cluster.client import cluster_status
-    from cpcli.cluster.timing import ClusterTiming
-    from cpcli.errors import CpError
-
-    timing = ClusterTiming()
-    print(json.dumps({"t_ns": time.monotonic_ns(), "hello": True}), flush=True)
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        t_ns = time.monotonic_ns()
-        try:
-            status = cluster_status(address, timing)
-        except CpError as err:
-            print(json.dumps({"t_ns": t_ns, "error": err.message}), flush=True)
-        else:
-            session = status.get("session") or {}
-            states: dict[str, int] = {}
-            for node in dict(session.get("nodes") or {}).values():
-                states[str(node.get("state"))] = states.get(str(node.get("state")), 0) + 1
-            print(json.dumps({"t_ns": t_ns, "session": session.get("name"), "phase": session.get("phase"),
-                              "states": states}), flush=True)
-        if select.select([sys.stdin], [], [], interval_s)[0]:
-            return  # the parent closed our stdin: done
 
 
 # -- 1. join ---------------------------------------------------------------------------------------
@@ -292,7 +271,7 @@ def _threads(pid: int) -> dict[str, float]:
             except OSError:
                 comm = "?"
             kind = "main" if thread.id == pid else "zmq I/O" if comm.startswith("ZMQbg") else \
-                "other threads (zeroconf)"
+                "other threads (zeroconf, clock probes)"
             out[kind] = out.get(kind, 0.0) + thread.user_time + thread.system_time
     return out
 
@@ -346,7 +325,7 @@ class NodeStart:
     worker: str
     spawned_s: float | None  # launch -> its process started
     cpu_to_start_s: float | None  # its CPU until the session started
-    first_in_s: float | None  # session time of its first sample (its worker's start = 0), None for sources
+    first_in_s: float | None  # session time (manager's start = 0) of its first sample; None for sources
 
 
 @dataclass
@@ -359,46 +338,32 @@ class RunResult:
     run_received_s: float | None  # launch -> the session folder exists on the manager (RUN handled)
     prepare_seen_s: dict[str, float]  # launch -> each worker's "starting N nodes" line
     recording_seen_s: dict[str, float]  # launch -> each worker's "recording" line (START handled)
-    all_bound_s: float | None  # launch -> the manager's view shows every node bound or further
-    all_ready_s: float | None
     session_started_s: float  # launch -> manifest clock.start_cluster_ns
     last_sink: str
     last_sink_first_in_s: float  # its first_in_ns (session time)
     launch_to_last_sink_s: float  # session_started_s + last_sink_first_in_s
-    launch_to_last_sink_corrected_s: float  # ... with each sink's own worker start (its "recording" line)
     sinks_without_sample: list[str]
     dropped_in: int
+    drops: dict[str, dict[str, int]]  # node -> input -> samples lost (sequence gaps), where any
     node_cpu_to_start_s: float  # sum over node processes
     worker_cpu_to_start_s: float  # the worker processes' own CPU, launch -> session start
     manager_cpu_to_start_s: float
+    cp_run_cpu_to_start_s: float  # the `cp run` process (client)
+    bench_cpu_to_start_s: float  # this benchmark's own process (log reading, /proc sampling)
     load: dict[str, float]  # launch -> the first worker's "recording" line (about the session start)
     settled_s: list[float]  # launch -> each node process's CPU went flat until the start (done starting)
     nodes_detail: list[NodeStart] = field(default_factory=list)
-    trace: list[dict[str, Any]] = field(default_factory=list)
 
 
 def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, workers: list[Proc], names: list[str],
-                address: str, trace: bool) -> RunResult:
+                address: str) -> RunResult:
     recipe = cluster.recipe(recipe_text(names), "cluster-scale.yaml")
-    tracer: subprocess.Popen[Any] | None = None
-    trace_out = work / "trace.jsonl"
-    if trace:
-        with open(trace_out, "wb") as out:
-            tracer = lab.run(1, [sys.executable, str(Path(__file__).resolve()), "--role", "trace", "--manager",
-                                 address, "--interval", str(TRACE_S), "--limit", str(RUN_LIMIT_S)],
-                             stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=cluster.env, cwd=work)
-        ready_by = time.monotonic() + HELPER_START_S
-        while not trace_out.read_text().strip():
-            if time.monotonic() > ready_by or tracer.poll() is not None:
-                raise RuntimeError(f"the trace helper did not start: {trace_out.read_text()}")
-            time.sleep(0.05)
-        time.sleep(1.0)  # its interpreter start-up is over before the launch
     run_out, run_err = work / "run.json", work / "logs" / "cp-run.log"
     watches = {n: LogWatch(w.log, (": starting ", ": recording")) for n, w in zip(names, workers, strict=True)}
     worker_pids = {w.pid: n for n, w in zip(names, workers, strict=True)}
     spawned: dict[int, tuple[str, float]] = {}  # node process pid -> (node id, monotonic start)
     cpu_at: dict[int, list[tuple[float, float]]] = {}  # pid -> (monotonic, cpu s) samples
-    own_at: list[tuple[float, float, float]] = []  # (monotonic, workers' cpu s, manager's cpu s)
+    own_at: list[tuple[float, ...]] = []  # (monotonic, CPU s of: workers, manager, cp run, this process)
     load_to_start: dict[str, float] = {}
     with open(run_out, "wb") as out, open(run_err, "wb") as err:
         launch_ns = time.monotonic_ns()
@@ -406,7 +371,7 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
         run = lab.run(1, [sys.executable, "-m", "cpcli", "run", str(recipe), "--duration", f"{RUN_DURATION_S}s",
                           "--json", "--manager", address], stdout=out, stderr=err, env=cluster.env, cwd=work)
     launch = launch_ns / 1e9
-    own_at.append((launch, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid)))
+    own_at.append((launch, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid), 0.0, time.process_time()))
     deadline = launch + RUN_LIMIT_S
     next_scan = 0.0
     try:
@@ -421,32 +386,23 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
             if now >= next_scan:
                 next_scan = now + SCAN_S
                 for pid in worker_pids:
-                    with contextlib.suppress(psutil.Error):
-                        for child in psutil.Process(pid).children():
-                            known = spawned.get(child.pid)
-                            if known and known[0]:
-                                continue
-                            if (times := _proc_times(child.pid)) is not None:  # no id yet: forked, not exec'd
-                                spawned[child.pid] = (_node_of(child), times[0])
+                    for child in _children(pid):
+                        known = spawned.get(child)
+                        if known and known[0]:
+                            continue
+                        if (times := _proc_times(child)) is not None:  # no id yet: forked, not exec'd yet
+                            spawned[child] = (_node_of(child), times[0])
                 for pid in spawned:
                     if (times := _proc_times(pid)) is not None:
                         cpu_at.setdefault(pid, []).append((now, times[1]))
-                own_at.append((now, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid)))
+                own_at.append((now, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid), _cpu_s(run.pid),
+                               time.process_time()))
             time.sleep(LOG_POLL_S)
         code = run.wait(5)
     finally:
         if run.poll() is None:  # ours, by its pid
             run.kill()
             run.wait(5)
-        if tracer is not None:
-            if tracer.stdin is not None:
-                with contextlib.suppress(OSError):
-                    tracer.stdin.close()
-            try:
-                tracer.wait(5)
-            except subprocess.TimeoutExpired:
-                tracer.kill()
-                tracer.wait(5)
     try:
         result = _read_json(run_out)
     except (OSError, ValueError) as error:
@@ -463,7 +419,6 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
     nodes = manifest["nodes"]
     detail: list[NodeStart] = []
     sinks: dict[str, float | None] = {}
-    corrected: dict[str, float] = {}
     settled: list[float] = []
     for name in names:
         for node_id in [n for n, v in nodes.items() if v["worker"] == name]:
@@ -477,43 +432,27 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                                     before[-1][1] if before else None, None if first is None else first / 1e9))
             if v["type"] == "discard":
                 sinks[node_id] = None if first is None else first / 1e9
-                seen = watches[name].seen.get(": recording")
-                if first is not None:
-                    corrected[node_id] = max(start - launch, seen or 0.0) + first / 1e9
     got = {n: t for n, t in sinks.items() if t is not None}
     last = max(got, key=lambda n: got[n]) if got else ""
     at_start = [s for s in own_at if s[0] <= start] or own_at[:1]
     first_s, last_s = own_at[0], at_start[-1]
-    trace_lines = []
-    if trace:
-        for line in trace_out.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                trace_lines.append(json.loads(line))
-    n_nodes = len(nodes)
-    bound = _first_trace(trace_lines, launch_ns, lambda s: sum(v for k, v in s.items() if k != "starting") >= n_nodes)
-    ready = _first_trace(trace_lines, launch_ns, lambda s: s.get("ready", 0) + s.get("running", 0) >= n_nodes)
     return RunResult(
-        exit_code=code, status=str(manifest.get("status")), session_dir=str(session_dir), nodes=n_nodes,
+        exit_code=code, status=str(manifest.get("status")), session_dir=str(session_dir), nodes=len(nodes),
         sinks=len(sinks), run_received_s=received,
         prepare_seen_s={n: w.seen[": starting "] for n, w in watches.items() if ": starting " in w.seen},
         recording_seen_s={n: w.seen[": recording"] for n, w in watches.items() if ": recording" in w.seen},
-        all_bound_s=bound, all_ready_s=ready, session_started_s=start - launch, last_sink=last,
+        session_started_s=start - launch, last_sink=last,
         last_sink_first_in_s=got.get(last, float("nan")),
         launch_to_last_sink_s=start - launch + got.get(last, float("nan")),
-        launch_to_last_sink_corrected_s=max(corrected.values()) if corrected else float("nan"),
         sinks_without_sample=sorted(n for n, t in sinks.items() if t is None),
         dropped_in=sum(sum(v["stats"].get("dropped_in", {}).values()) for v in nodes.values()),
+        drops={n: dict(v["stats"]["dropped_in"]) for n, v in nodes.items()
+               if any(v["stats"].get("dropped_in", {}).values())},
         node_cpu_to_start_s=sum(d.cpu_to_start_s or 0.0 for d in detail),
         worker_cpu_to_start_s=last_s[1] - first_s[1], manager_cpu_to_start_s=last_s[2] - first_s[2],
+        cp_run_cpu_to_start_s=last_s[3], bench_cpu_to_start_s=last_s[4] - first_s[4],
         load=load_to_start, settled_s=settled,
-        nodes_detail=detail, trace=trace_lines)
-
-
-def _first_trace(lines: list[dict[str, Any]], launch_ns: int, test: Any) -> float | None:
-    for line in lines:
-        if line.get("states") and line["t_ns"] >= launch_ns and test(line["states"]):
-            return float((line["t_ns"] - launch_ns) / 1e9)
-    return None
+        nodes_detail=detail)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -563,22 +502,19 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
         width, height, rate_hz = VIDEO
         out.append(f"2. {run.nodes} nodes ({NODES_PER_WORKER} per worker: test_video {width}x{height}@{rate_hz:g} "
                    f"-> grayscale -> discard, + discard of the next worker's video); manifest status {run.status}, "
-                   f"`cp run` exit {run.exit_code}, dropped_in {run.dropped_in}")
+                   f"`cp run` exit {run.exit_code}, dropped_in {run.dropped_in}"
+                   + (f" ({', '.join(f'{n} {d}' for n, d in sorted(run.drops.items()))})" if run.drops else ""))
         spawns = [d.spawned_s for d in run.nodes_detail if d.spawned_s is not None]
         prep, rec = list(run.prepare_seen_s.values()), list(run.recording_seen_s.values())
         steps = [
             ("RUN reached the manager (session folder created)", _s(run.run_received_s)),
-            ("workers' \"starting N nodes\" lines (PREPARE handled)", _minmax(prep)),
+            ("workers' \"session ...: starting ...\" lines (PREPARE handled)", _minmax(prep)),
             (f"node processes started ({len(spawns)} seen)", _minmax(spawns)),
             ("node processes done starting (their CPU flat from then until the start)", _minmax(run.settled_s)),
-            ("manager's view: every node bound (publishers listening; CONNECT follows)", _s(run.all_bound_s)),
-            ("manager's view: every node ready", _s(run.all_ready_s)),
             ("session_started (manifest clock.start_cluster_ns)", _s(run.session_started_s)),
             ("workers' \"recording\" lines (START handled)", _minmax(rec)),
             (f"last sink's first sample ({run.last_sink}: +{_s(run.last_sink_first_in_s, '{:.3f}')} s session time)",
              _s(run.launch_to_last_sink_s)),
-            ("  the same from each sink's own worker start (its \"recording\" line)",
-             _s(run.launch_to_last_sink_corrected_s)),
         ]
         out.append(c.table(["after `cp run` launch", "s"], steps))
         by_type: dict[str, list[float]] = {}
@@ -586,10 +522,13 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
             if d.cpu_to_start_s is not None:
                 by_type.setdefault(d.type, []).append(d.cpu_to_start_s)
         per_type = ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in sorted(by_type.items()))
-        total = run.node_cpu_to_start_s + run.worker_cpu_to_start_s + run.manager_cpu_to_start_s
+        total = run.node_cpu_to_start_s + run.worker_cpu_to_start_s + run.manager_cpu_to_start_s + \
+            run.cp_run_cpu_to_start_s
         out.append(f"CPU from launch to session start: node processes {run.node_cpu_to_start_s:.1f} s (mean per "
                    f"process: {per_type}), workers {run.worker_cpu_to_start_s:.1f} s, manager "
-                   f"{run.manager_cpu_to_start_s:.2f} s; {total:.1f} CPU s = {total / ncpu:.1f} s of {ncpu} cores")
+                   f"{run.manager_cpu_to_start_s:.2f} s, cp run {run.cp_run_cpu_to_start_s:.2f} s; {total:.1f} CPU s "
+                   f"= {total / ncpu:.1f} s of {ncpu} cores (and this benchmark's sampling "
+                   f"{run.bench_cpu_to_start_s:.2f} s)")
         if run.load:
             out.append(c.describe_load("machine from launch to the first \"recording\" line", run.load))
         if run.sinks_without_sample:
@@ -652,19 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-window", type=float, default=DEFAULT_IDLE_WINDOW_S, help="seconds of idle sampling")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the floor runs (one worker alone: its join, its 4 nodes)")
-    parser.add_argument("--no-trace", action="store_true", help="no manager-view poller during the run")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                         help="before the join and before the run, wait up to S s for the machine to be < 20%% busy")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, sessions)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--role", choices=("trace",), help=argparse.SUPPRESS)
-    parser.add_argument("--manager", help=argparse.SUPPRESS)
-    parser.add_argument("--interval", type=float, default=TRACE_S, help=argparse.SUPPRESS)
-    parser.add_argument("--limit", type=float, default=RUN_LIMIT_S, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.role == "trace":
-        role_trace(args.manager, args.interval, args.limit)
-        return 0
     if not 1 <= args.workers <= 64 or not 1 <= args.idle_window <= 300:
         parser.error("--workers in 1..64, --idle-window in 1..300 s")
     if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -696,11 +627,11 @@ def main(argv: list[str] | None = None) -> int:
                 idle = measure_idle(cluster, manager, workers, address, args.idle_window, names)
                 quiet(args.wait_quiet)
                 c.log(f"2. `cp run` of {len(names) * NODES_PER_WORKER} nodes on {len(names)} workers ...")
-                run = measure_run(lab, cluster, work, manager, workers, names, address, not args.no_trace)
+                run = measure_run(lab, cluster, work, manager, workers, names, address)
                 if not args.no_floor:
                     quiet(args.wait_quiet)
                     c.log(f"floor: `cp run` of {NODES_PER_WORKER} nodes on worker {names[0]} alone ...")
-                    floor_run = measure_run(lab, cluster, work, manager, workers[:1], names[:1], address, False)
+                    floor_run = measure_run(lab, cluster, work, manager, workers[:1], names[:1], address)
                     quiet(args.wait_quiet)
                     solo = f"w{len(names) + 1:02d}"
                     c.log(f"floor: one more worker ({solo}) joining alone ...")

@@ -71,11 +71,12 @@ SCHEMAS: dict[bytes, _Fields] = {
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
 OPTIONAL: dict[bytes, _Fields] = {
-    REGISTER: {},
-    BEAT: {"resources": dict},
+    REGISTER: {"resources": dict, "devices": list},
+    BEAT: {"resources": dict, "clock": dict},
     WELCOME: {"known_sessions": list},
     REFUSED: {"hint": str, "reregister": bool},
     FAILED: {"hint": str},
+    STATE: {"error": str, "files": list, "clock": list},
     RUN: {"session_name": str, "on_worker_lost": str, "timing": dict},
     PROGRESS: {"lost": list},
     RESULT: {"failures": dict, "error": str, "interrupted": bool, "lost": dict},
@@ -87,8 +88,10 @@ def check(command: bytes, body: dict[str, Any]) -> None:
     """Raise TransportError unless `body` has every field `command` needs, of the right type.
 
     The version comes first: a peer of another release may name its fields differently, and deserves
-    to hear that rather than which field it lacks. Optional fields are checked when present, and a
-    RUN's timing and duration must be numbers: the manager computes with them every turn.
+    to hear that rather than which field it lacks. Optional fields are checked when present. What
+    the manager computes with (a RUN's timing and duration, a worker's clock) must be numbers, a
+    MARK's meta plain values (it goes into events.jsonl), and the session reports a REGISTER carries
+    valid STATE bodies.
     """
     schema = SCHEMAS.get(command)
     if schema is None:
@@ -109,6 +112,18 @@ def check(command: bytes, body: dict[str, Any]) -> None:
             raise TransportError(f"RUN option 'duration_s' is a {type(duration).__name__}")
         if not all(_is_number(v) for v in dict(body.get("timing") or {}).values()):
             raise TransportError("RUN field 'timing' holds something other than numbers")
+    elif command == REGISTER:
+        for report in body["sessions"]:  # what it still runs: STATE reports, taken in as if just sent
+            if isinstance(report, dict):
+                try:
+                    check(STATE, report)
+                except TransportError as err:
+                    raise TransportError(f"REGISTER with a malformed session report ({err.message})") from err
+    elif command == BEAT and not all(_is_number(v) for v in dict(body.get("clock") or {}).values()):
+        raise TransportError("BEAT field 'clock' holds something other than numbers")
+    elif command == MARK and not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float)))
+                                     for k, v in body["meta"].items()):
+        raise TransportError("MARK field 'meta' holds something other than names and plain values")
 
 
 def _check_type(command: bytes, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
