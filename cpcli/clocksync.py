@@ -21,6 +21,7 @@ WINDOW_S = 30.0  # burst minima older than this leave the fit: drift changes wit
 MIN_FIT_SPAN_S = 2.0  # below this time span a drift fit is noise: offset only
 MAX_DRIFT_PPB = 500_000.0  # 500 ppm: far beyond any crystal; a fit above it is rejected
 OUTLIER_MADS = 4.0  # residuals beyond this many median absolute deviations leave the fit
+HORIZON_S = 1.0  # a mapping serves until the next burst: its uncertainty is bounded over this far ahead
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,27 @@ class OffsetEstimator:
         if fit is None:
             best = min(points, key=lambda p: p.rtt_ns)
             return ClockMapping(round(best.offset_ns), uncertainty, 0.0, best.mid_ns)
-        intercept, slope = fit
-        return ClockMapping(round(intercept), uncertainty, slope * 1e9, newest)
+        intercept, slope, kept = fit
+        bound = max(_line_bound(kept, newest, at_s) for at_s in (0.0, HORIZON_S))
+        return ClockMapping(round(intercept), max(uncertainty, math.ceil(bound)), slope * 1e9, newest)
 
 
-def _robust_line(points: list[Probe], ref_ns: int) -> tuple[float, float] | None:
+def _line_bound(points: list[Probe], ref_ns: int, at_s: float) -> float:
+    """Worst error of the weighted fit at ref + at_s: each probe is off by at most half its round trip.
+
+    The fitted value is a linear combination sum(c_i * offset_i) that reproduces any true line exactly,
+    so its error is sum(c_i * e_i) with |e_i| <= rtt_i / 2.
+    """
+    weights = [1.0 / (max(p.rtt_ns, 1_000) ** 2) for p in points]
+    xs = [(p.mid_ns - ref_ns) / 1e9 for p in points]
+    total = sum(weights)
+    mx = sum(w * x for w, x in zip(weights, xs, strict=True)) / total
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(weights, xs, strict=True))
+    return sum(abs(w / total + w * (x - mx) * (at_s - mx) / sxx) * p.rtt_ns / 2
+               for w, x, p in zip(weights, xs, points, strict=True))
+
+
+def _robust_line(points: list[Probe], ref_ns: int) -> tuple[float, float, list[Probe]] | None:
     """Weighted least squares of offset against local time (at ref_ns), refitted without outliers."""
     keep = list(points)
     for _ in range(3):  # fit, drop outliers, fit again: converges in two passes in practice
@@ -102,6 +119,7 @@ def _robust_line(points: list[Probe], ref_ns: int) -> tuple[float, float] | None
         if fit is None:
             return None
         intercept, slope = fit
+        fitted = keep
         residuals = [abs(p.offset_ns - (intercept + slope * (p.mid_ns - ref_ns))) for p in keep]
         spread = _median(residuals) * 1.4826  # MAD as a standard deviation
         limit = max(OUTLIER_MADS * spread, 2_000.0)  # never tighter than 2 us: probe jitter itself
@@ -111,7 +129,7 @@ def _robust_line(points: list[Probe], ref_ns: int) -> tuple[float, float] | None
         keep = inliers
     if abs(slope) * 1e9 > MAX_DRIFT_PPB:
         return None
-    return intercept, slope
+    return intercept, slope, fitted
 
 
 def _weighted_fit(points: list[Probe], ref_ns: int) -> tuple[float, float] | None:

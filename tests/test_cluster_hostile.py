@@ -435,9 +435,6 @@ def test_garbage_on_a_workers_ports_mid_session_costs_no_sample(lab: Lab, tmp_pa
     assert "dropped a malformed control message from b'" in log, log  # junk reached the node-control socket
 
 
-@pytest.mark.xfail(strict=True, reason="cpcli.transport.pubsub.Publisher.handle_subscriptions counts every "
-                   "unsubscribe XPUB passes up, even one from a peer that never subscribed, so a stranger "
-                   "stops a port's sending (see the report on issue 4)")
 def test_forged_unsubscribes_do_not_stop_a_publisher(lab: Lab, tmp_path: Path) -> None:
     result, cluster, _ = _session_under_fire(lab, tmp_path, "unsubscribe")
     _check_every_frame_arrived(result, cluster)
@@ -600,8 +597,6 @@ def test_every_listener_binds_the_chosen_interface_only(lab: Lab, tmp_path: Path
 MDNS_PORT = 5353
 
 
-@pytest.mark.xfail(strict=True, reason="cpcli.cluster.clocknet.ClockClient never binds or connects its UDP socket, "
-                   "so the kernel binds it to 0.0.0.0 at the first probe (see the report on issue 4)")
 def test_udp_sockets_bind_the_chosen_interface_only(lab: Lab, tmp_path: Path) -> None:
     # mDNS (UDP 5353) is zeroconf's shared multicast listener, bound to 0.0.0.0 by design: out of scope here.
     cluster = ClusterLab(lab, tmp_path)

@@ -28,6 +28,9 @@ from cpcli.registry import load_registry
 from cpcli.runtime.session import local_worker_name
 
 DEFAULT_PORT = 7425
+# A worker waits this long after the first answer for a second manager of its cluster (answers to
+# one query come within 20-120 ms, RFC 6762 §6); the full SETTLE_S would add a second to every join.
+WORKER_SETTLE_S = 0.25
 TIMING_ENV = "CP_CLUSTER_TIMING"
 EXIT_INTERRUPTED = 130
 
@@ -178,7 +181,7 @@ def _discover(interface: str, cluster: str, timing: ClusterTiming, stop: threadi
     said = False
     while not stop.is_set():
         try:
-            advert = find_manager(interface, timing.discovery_s, cluster)
+            advert = find_manager(interface, timing.discovery_s, cluster, settle_s=WORKER_SETTLE_S)
         except PeerLostError as err:
             if not said:  # the message lists managers heard but passed over (other clusters, releases)
                 other = "; pass --cluster NAME to join another cluster" if "; ignored: " in err.message else ""

@@ -90,6 +90,7 @@ class RemoteRun:
         self.session = ""
         self.session_dir = Path()
         self._stop_sent = False
+        self._token = ""
 
     def run(self) -> SessionResult:
         try:
@@ -114,6 +115,7 @@ class RemoteRun:
     def _run(self) -> SessionResult:
         dealer, _, accepted = _request(self._context, self.address, m.RUN, self._body(), {m.ACCEPTED}, self.timing)
         self.session, self.session_dir = str(accepted["session"]), Path(str(accepted["session_dir"]))
+        self._token = str(accepted.get("client_token") or "")
         heard = next_beat = time.monotonic()
         try:
             while True:
@@ -160,7 +162,7 @@ class RemoteRun:
             sent = False
             deadline = time.monotonic() + max(backoff, 0.5)
             while time.monotonic() < deadline and not sent:
-                sent = dealer.send(m.ATTACH, {"v": PROTOCOL_VERSION, "session": self.session})
+                sent = dealer.send(m.ATTACH, {"v": PROTOCOL_VERSION, "session": self.session, "token": self._token})
                 time.sleep(0.02)
             answer = _await(dealer, {m.ACCEPTED, m.RESULT, m.REFUSED}, self.timing.answer_timeout_s) if sent else None
             if answer is not None and answer[0] == m.REFUSED:

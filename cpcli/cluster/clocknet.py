@@ -7,12 +7,15 @@ is `MAGIC seq t1` (24 bytes); the answer `MAGIC seq t1 t2 t3` (40 bytes). Anythi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from cpcli.clock import ClockMapping
 from cpcli.clocksync import OffsetEstimator, Probe
@@ -25,6 +28,11 @@ BURST = 8  # probes per burst; the lowest round trip of them is kept
 BURST_GAP_S = 0.002  # between the probes of a burst
 INTERVAL_S = 1.0  # between bursts: the estimate is refreshed this often
 PROBE_TIMEOUT_S = 0.05  # an answer later than this is lost (and its probe with it)
+# Linux: the kernel stamps each datagram's arrival (option 35 there; Python does not name it)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+_TIMESPEC = struct.Struct("@qq")  # the stamp: CLOCK_REALTIME seconds, nanoseconds
+MAX_STAMP_AGE_NS = 1_000_000_000  # a kernel stamp older than this (or in the future): the wall clock stepped
+PAIR_GAP_NS = 2_000  # two clock reads further apart than this were preempted: read them again
 
 log = logging.getLogger("cpcli.clock")
 
@@ -41,6 +49,7 @@ class ClockServer:
             raise TransportError(f"cannot listen for clock probes on UDP {host}:{port} ({err.strerror})",
                                  hint="another program holds that UDP port; pick another --port") from err
         self._sock.settimeout(0.2)
+        _stamp_arrivals(self._sock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="clock-server", daemon=True)
         self.answered = 0
@@ -52,12 +61,11 @@ class ClockServer:
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                data, peer = self._sock.recvfrom(64)
+                data, peer, t2 = _receive(self._sock)
             except TimeoutError:
                 continue
             except OSError:
                 return
-            t2 = time.monotonic_ns()
             if len(data) != _PROBE.size or not data.startswith(MAGIC):
                 self.ignored += 1
                 continue
@@ -78,13 +86,22 @@ class ClockClient:
     """A worker's side: a burst of probes every INTERVAL_S; `on_estimate` gets each new mapping."""
 
     def __init__(self, host: str, port: int, on_estimate: Callable[[ClockMapping, Probe], None],
-                 interval_s: float = INTERVAL_S) -> None:
+                 interval_s: float = INTERVAL_S, local: str = "") -> None:
+        """`local`: this machine's address to probe from (the worker's --interface)."""
         self._address = (host, port)
         self._on_estimate = on_estimate
         self._interval_s = interval_s
         self.estimator = OffsetEstimator()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind((local, 0))
+            self._sock.connect(self._address)  # only the manager's datagrams come in
+        except OSError as err:
+            self._sock.close()
+            raise TransportError(f"cannot probe the manager's clock at UDP {host}:{port} from {local or 'here'} "
+                                 f"({err.strerror})") from err
         self._sock.settimeout(PROBE_TIMEOUT_S)
+        _stamp_arrivals(self._sock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clock-client", daemon=True)
         self._seq = 0
@@ -106,11 +123,10 @@ class ClockClient:
         self._seq += 1
         t1 = time.monotonic_ns()
         try:
-            self._sock.sendto(_PROBE.pack(MAGIC, self._seq, t1), self._address)
+            self._sock.send(_PROBE.pack(MAGIC, self._seq, t1))
             deadline = time.monotonic() + PROBE_TIMEOUT_S
             while True:  # bounded by the deadline: late answers of earlier probes are skipped
-                data = self._sock.recv(64)
-                t4 = time.monotonic_ns()
+                data, _, t4 = _receive(self._sock)
                 if len(data) == _ANSWER.size and data.startswith(MAGIC):
                     _, seq, echoed, t2, t3 = _ANSWER.unpack(data)
                     if seq == self._seq and echoed == t1:
@@ -126,3 +142,51 @@ class ClockClient:
         self._stop.set()
         self._thread.join(2)
         self._sock.close()
+
+
+def _stamp_arrivals(sock: socket.socket) -> None:
+    """Ask the kernel to stamp each datagram's arrival (Linux); elsewhere arrivals are stamped on return."""
+    if SO_TIMESTAMPNS is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, Any, int]:
+    """A datagram, its sender, and when it arrived on the monotonic clock.
+
+    The kernel's stamp is taken in the receive path, before this thread wakes up and waits for the GIL
+    (up to the 5 ms switch interval when another thread of the process is busy): stamping after the
+    return puts that wait on one side of the probe only, which biases its offset by half of it. The
+    stamp is on CLOCK_REALTIME, moved onto the monotonic clock by the two clocks' difference read now
+    (an NTP slew changes it by well under a microsecond per millisecond of waiting).
+    """
+    if not hasattr(sock, "recvmsg"):  # Windows
+        data, peer = sock.recvfrom(64)
+        return data, peer, time.monotonic_ns()
+    data, ancillary, _, peer = sock.recvmsg(64, socket.CMSG_SPACE(_TIMESPEC.size))
+    mono, real_minus_mono = _clock_pair()
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
+            arrived = seconds * 1_000_000_000 + nanoseconds - real_minus_mono
+            if 0 <= mono - arrived < MAX_STAMP_AGE_NS:
+                return data, peer, arrived
+    return data, peer, mono
+
+
+def _clock_pair() -> tuple[int, int]:
+    """Monotonic now, and CLOCK_REALTIME minus monotonic, read back to back.
+
+    A preemption between the two reads would shift every converted stamp by its length, so the
+    pair read with the shortest gap of up to three tries is kept (a few hundred ns apart).
+    """
+    gap = diff = mono = 0
+    for attempt in range(3):
+        before = time.monotonic_ns()
+        real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        after = time.monotonic_ns()
+        if attempt == 0 or after - before < gap:
+            gap, mono, diff = after - before, after, real - (before + after) // 2
+        if gap < PAIR_GAP_NS:
+            break
+    return mono, diff

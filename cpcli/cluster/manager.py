@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -109,6 +110,7 @@ class ClusterSession:
     error: str | None = None
     interrupted: bool = False
     next_progress: float = 0.0
+    client_token: str = field(default_factory=lambda: secrets.token_hex(16))  # only its cp run may reattach
 
     @property
     def workers(self) -> list[str]:
@@ -126,7 +128,7 @@ class ClusterSession:
                 "timing": self.timing, "on_worker_lost": self.on_worker_lost, "phase": self.phase,
                 "start_ns": self.start_ns, "start_utc": self.start_utc, "stop_ns": self.stop_ns,
                 "lost": self.lost, "failures": self.failures, "error": self.error,
-                "interrupted": self.interrupted}
+                "interrupted": self.interrupted, "client_token": self.client_token}
 
 
 class Manager:
@@ -279,12 +281,17 @@ class Manager:
                 else:
                     self.router.send(peer, m.REFUSED, {"message": f"no session {body['session']} on this manager"})
                 return
+            if not secrets.compare_digest(str(body.get("token", "")), session.client_token):
+                self.router.send(peer, m.REFUSED, {"message": f"session {session.name} belongs to the cp run that "
+                                                              "started it", "hint": "follow it with cp status"})
+                return
             session.client, session.client_heard = peer, time.monotonic()
-            self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
+            self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir),
+                                                "client_token": session.client_token})
             self._event(session, "client_attached")
         elif command == m.MARK:
             self._mark(peer, session, body)
-        elif command == m.STOP and session is not None and session.name == body["session"]:
+        elif command == m.STOP and session is not None and session.name == body["session"] and peer == session.client:
             self._stop_session("stopped by cp run", interrupted=True)
 
     def _mark(self, peer: bytes, session: ClusterSession | None, body: dict[str, Any]) -> None:
@@ -354,7 +361,8 @@ class Manager:
             entry.state = "running"
             self.router.send(entry.identity, m.PREPARE, {"session": session.name, "nodes": session.on(worker),
                                                          "timing": session.timing, "options": session.options})
-        self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir)})
+        self.router.send(peer, m.ACCEPTED, {"session": session.name, "session_dir": str(session.dir),
+                                            "client_token": session.client_token})
         count = f"{len(session.nodes)} node{'s' if len(session.nodes) != 1 else ''}"
         self._announce(f"session {session.name}: {count} on {', '.join(session.workers)}")
 
@@ -366,12 +374,18 @@ class Manager:
         if not nodes or len(nodes) != len(body["nodes"]):
             raise CpError("the recipe sent has no nodes")
         default = self.config.local_worker
+        ids = [str(n.get("id")) for n in nodes]
+        if len(set(ids)) != len(ids):
+            raise CpError("the recipe sent has duplicate node ids")
         problems = []
         for node in nodes:
             try:
                 plan_from_dict(node)
             except (KeyError, TypeError, ValueError) as err:
                 raise CpError(f"malformed node in the recipe sent ({type(err).__name__}: {err})") from err
+            unknown = [i[1] for i in node["inputs"] if i[1] not in ids]
+            if unknown:
+                raise CpError(f"node {node['id']} of the recipe sent reads from unknown nodes {', '.join(unknown)}")
             worker = node.get("worker") or default
             if worker is None:
                 problems.append(f"node {node['id']} has no worker: and manager {self.config.name} runs no local "
@@ -384,7 +398,9 @@ class Manager:
                 problems.append(f"node {node['id']} is placed on worker {worker}, which {why}; "
                                 f"known workers: {self._known_workers()}")
             elif node["type"] not in entry.node_types:
-                problems.append(f"node {node['id']}: worker {worker} does not have node type {node['type']} installed")
+                problems.append(f"node {node['id']}: worker {worker} does not have node type {node['type']} installed "
+                                "(install the package that provides it on that machine, `cp nodes` there, or place "
+                                "the node on another worker)")
         if problems:
             raise CpError("; ".join(problems), hint="start `cp worker` on the machines the recipe names, "
                           "or change their `worker:`; `cp status` lists the workers")
@@ -665,7 +681,7 @@ class Manager:
                 start_ns=data.get("start_ns"), start_utc=data.get("start_utc"), stop_ns=data.get("stop_ns"),
                 lost={str(k): int(v) for k, v in dict(data.get("lost") or {}).items()},
                 failures=dict(data.get("failures") or {}), error=data.get("error"),
-                interrupted=bool(data.get("interrupted")))
+                interrupted=bool(data.get("interrupted")), client_token=str(data.get("client_token") or ""))
             self.session = session
             self._event(session, "manager_restarted", manager=self.config.name)
             if session.phase in ("preparing", "wired"):

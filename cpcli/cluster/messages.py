@@ -80,6 +80,8 @@ OPTIONAL: dict[bytes, _Fields] = {
     RUN: {"session_name": str, "on_worker_lost": str, "timing": dict},
     PROGRESS: {"lost": list},
     RESULT: {"failures": dict, "error": str, "interrupted": bool, "lost": dict},
+    ATTACH: {"token": str},
+    ACCEPTED: {"client_token": str},
 }
 COMMANDS = frozenset(SCHEMAS)
 

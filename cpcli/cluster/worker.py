@@ -21,6 +21,7 @@ import zmq
 from cpcli import __version__
 from cpcli.archive.files import file_record
 from cpcli.archive.manifest import write_json_atomically
+from cpcli.archive.session import SESSION_NAME
 from cpcli.clock import ClockMapping
 from cpcli.clocksync import Probe
 from cpcli.cluster import messages as m
@@ -29,7 +30,7 @@ from cpcli.cluster.clocknet import ClockClient
 from cpcli.cluster.machine import resources
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.devices import list_devices
-from cpcli.errors import CpError
+from cpcli.errors import CpError, TransportError
 from cpcli.registry import Registry
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
 from cpcli.runtime.plan import NodePlan, NodeState, plan_from_dict, status_to_dict
@@ -251,8 +252,12 @@ class WorkerAgent:
         if self._clock_client is None:
             host = self.config.manager.rpartition(":")[0]
             port = int(body.get("clock_port") or self.config.manager.rpartition(":")[2])
-            self._clock_client = ClockClient(host, port, self._on_clock)
-            self._clock_client.start()
+            try:
+                self._clock_client = ClockClient(host, port, self._on_clock, local=self.config.interface)
+            except TransportError as err:  # tried again at the next registration; nodes wait for a clock
+                self._log.error("%s", err)
+            else:
+                self._clock_client.start()
         for name in body.get("known_sessions", []):  # the manager holds these reports now
             if name in self._sessions and self._sessions[name].final is not None:
                 self._sessions[name].final_acked = True
@@ -297,6 +302,9 @@ class WorkerAgent:
         name = str(body["session"])
         if name in self._sessions:
             return  # a repeated PREPARE (the manager came back): already under way
+        if not SESSION_NAME.match(name) or name in (".", ".."):
+            self._send(m.FAILED, {"session": name, "message": f"session name {name[:60]!r} is not a folder name"})
+            return
         try:
             plans = [self._resolve(dict(d)) for d in body["nodes"]]
             runtime = Timing.from_dict(dict(body["timing"]))

@@ -45,7 +45,7 @@ from cpcli.transport.protocol import (
     STOP,
     pack_object,
 )
-from cpcli.transport.pubsub import SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan
+from cpcli.transport.pubsub import END_LINGER_MS, SHM_THRESHOLD_BYTES, Publisher, SharedMemoryPlan
 
 IDLE_POLL_MS = 100  # longest sleep of a node with nothing to do; bounds reaction to STOP
 MAX_STEPS_PER_TURN = 64  # steps before control and sockets get a look again (fairness)
@@ -422,9 +422,11 @@ class Driver:
         if self._intake is not None:
             self._intake.close()
         if self._publisher is not None:
-            self._publisher.close()
+            self._publisher.close(END_LINGER_MS, keep_pool=True)  # the last samples queued must leave
         self._control.close()
-        self._context.term()
+        self._context.term()  # returns once they left (or END_LINGER_MS passed)
+        if self._publisher is not None:
+            self._publisher.close_pool()
         return failed
 
 

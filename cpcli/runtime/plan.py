@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from cpcli._recipecheck import ID_PATTERN
 from cpcli.runtime.stats import NodeStats
 
 
@@ -58,10 +59,17 @@ def plan_to_dict(plan: NodePlan) -> dict[str, Any]:
 
 
 def plan_from_dict(data: dict[str, Any], entry_point: str = "") -> NodePlan:
-    """Raises KeyError, TypeError or ValueError when `data` is not a plan."""
+    """Raises KeyError, TypeError or ValueError when `data` is not a plan.
+
+    Ids become folder names and topics on the machine that runs the node, so one that is not a
+    recipe id (`../x`, `/etc`) is refused here, whoever sent it.
+    """
     inputs = tuple((str(k), str(s), str(p)) for k, s, p in data["inputs"])
     if not isinstance(data["params"], dict):
         raise TypeError("params is not a mapping")
+    for node_id in (data["id"], *(source for _, source, _ in inputs)):
+        if not isinstance(node_id, str) or not ID_PATTERN.fullmatch(node_id):
+            raise ValueError(f"{node_id!r} is not a node id")
     return NodePlan(id=str(data["id"]), type=str(data["type"]), entry_point=entry_point, params=dict(data["params"]),
                     record=bool(data["record"]), sync=str(data["sync"]), tolerance_ms=float(data["tolerance_ms"]),
                     inputs=inputs, outputs=tuple(str(o) for o in data["outputs"]))

@@ -34,6 +34,7 @@ from cpcli.transport.protocol import (
 
 DATA_HWM = 64  # messages queued per subscriber before PUB drops; bounds memory at 64 frames
 LINGER_MS = 0  # data is recorded at its source; nothing in flight is worth a hung exit
+END_LINGER_MS = 1000  # a normal end: samples still queued (the last ones) get this long to leave
 SHM_THRESHOLD_BYTES = 64 * 1024  # below this a copy through ZeroMQ costs less than a slot
 SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past this
 # Fewer slots than ZeroMQ can queue for one subscriber (its pipes report full from about half
@@ -66,7 +67,7 @@ class Publisher:
         self._socket: zmq.Socket[Any] = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, DATA_HWM)
-        self._socket.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscribe, so we can count peers
+        self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscribe, so we can count peers
         try:
             port = self._socket.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as err:
@@ -100,10 +101,13 @@ class Publisher:
                 msg = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if msg and msg[0] in (_SUBSCRIBE, _UNSUBSCRIBE):
-                delta = 1 if msg[0] == _SUBSCRIBE else -1
-                topic = msg[1:]
-                self._subscribers[topic] = max(0, self._subscribers.get(topic, 0) + delta)
+            if msg and msg[0] == _SUBSCRIBE:
+                self._subscribers[msg[1:]] = self._subscribers.get(msg[1:], 0) + 1
+            elif msg and msg[0] == _UNSUBSCRIBE and msg[1:].startswith(preview.PREVIEW_MARK):
+                self._subscribers[msg[1:]] = 0  # the monitor left: stop making previews
+            # A data topic's count never goes down: libzmq passes up a ZMTP/1.0 peer's unsubscribe even
+            # for a topic it never subscribed to, so a stranger could silence a port. Readers leave only
+            # when the session ends (a failing node stops it), so nothing is sent in vain for long.
 
     def subscribers(self, port: str) -> int:
         """Subscribers of a port over either path."""
@@ -187,8 +191,14 @@ class Publisher:
             for topic in (self._topics[port], self._local_topics[port]):
                 self._socket.send_multipart([topic, header])
 
-    def close(self) -> None:
-        self._socket.close(linger=LINGER_MS)
+    def close(self, linger_ms: int = LINGER_MS, keep_pool: bool = False) -> None:
+        """Close; `linger_ms` lets what is still queued leave first (a normal end), bounded;
+        `keep_pool` leaves the shared memory for `close_pool()` once those messages are out."""
+        self._socket.close(linger=linger_ms)
+        if not keep_pool:
+            self.close_pool()
+
+    def close_pool(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
