@@ -268,6 +268,17 @@ def _listeners(lab: Lab, host: int, protocol: str = "t") -> list[tuple[str, int]
     return found
 
 
+def _archive_ports(cluster: ClusterLab, address: str) -> set[tuple[str, int]]:
+    """(address, port) of the archive servers (`cp collect`) the manager and its workers listen on."""
+    status = cluster.status(1, address)
+    found = set()
+    for archive in [status["manager"].get("archive")] + [w.get("archive") for w in status["workers"]]:
+        if archive:
+            host, _, port = str(archive).removeprefix("tcp://").rpartition(":")
+            found.add((host, int(port)))
+    return found
+
+
 # What a command may say before it fails: stamped lines of `cp manager`/`cp worker`, where `cp run` goes.
 PROGRESS_LINE = re.compile(r"\d\d:\d\d:\d\d |running on the cluster of the manager at ")
 
@@ -396,7 +407,7 @@ def _session_under_fire(lab: Lab, tmp_path: Path, mode: str) -> tuple[dict[str, 
     worker = cluster.worker(2, "w2", "--manager", address)
     run = _start_run(cluster, cluster.recipe(UNDER_FIRE), address)
     worker.wait_for(": recording", 30)
-    listening = _listeners(lab, 2)
+    listening = [x for x in _listeners(lab, 2) if x not in _archive_ports(cluster, address)]
     publishers = sorted(p for a, p in listening if a == lab.ip(2))
     loopback = sorted(p for a, p in listening if a == "127.0.0.1")
     assert len(publishers) == 2, listening  # cam and near
@@ -579,13 +590,16 @@ def test_every_listener_binds_the_chosen_interface_only(lab: Lab, tmp_path: Path
     cluster.manager(1, "m1")
     address = f"{lab.ip(1)}:{PORT}"
     worker = cluster.worker(2, "w2", "--manager", address)
-    assert _listeners(lab, 1) == [(lab.ip(1), PORT)]  # the control port, nothing else while idle
-    assert _listeners(lab, 2) == []  # an idle worker listens nowhere: it connects to the manager
+    archives = _archive_ports(cluster, address)  # the manager's, its local worker's and w2's: on the interface
+    assert sorted(a for a, _ in archives) == [lab.ip(1), lab.ip(1), lab.ip(2)]
+    # the control port and the archive servers, nothing else while idle; a worker connects to the manager
+    assert sorted(_listeners(lab, 1)) == sorted([(lab.ip(1), PORT), *(x for x in archives if x[0] == lab.ip(1))])
+    assert _listeners(lab, 2) == [x for x in archives if x[0] == lab.ip(2)]
     run = _start_run(cluster, cluster.recipe(UNDER_FIRE), address)
     worker.wait_for(": recording", 30)
     assert len(_node_processes(worker)) == 2  # what the placement test looks for, seen here
     for host, publishers in ((1, 1), (2, 2)):  # far on m1; cam and near on w2
-        listening = _listeners(lab, host)
+        listening = [x for x in _listeners(lab, host) if x not in archives]
         outside = [(a, p) for a, p in listening if a not in (lab.ip(host), "127.0.0.1")]
         assert outside == [], listening
         on_interface = [p for a, p in listening if a == lab.ip(host) and p != PORT]

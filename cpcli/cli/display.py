@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from cpcli.monitor.health import node_view_from_status
+from cpcli.monitor.view import NodesTable
 from cpcli.registry import Registry
 from cpcli.runtime.plan import NodeState, NodeStatus
 from cpcli.runtime.session import Progress, SessionResult
@@ -42,9 +45,12 @@ def nodes_table(nodes: dict[str, NodeStatus], title: str | None = None) -> Table
     return table
 
 
-def progress_view(progress: Progress) -> Table:
+def progress_view(progress: Progress) -> Group:
+    """`cp run`'s live view: the nodes as `cp monitor` shows them (rate, drops, latency, recorded, why)."""
     title = f"{progress.phase} {progress.session_dir.name}  {format_duration(progress.elapsed_s)}"
-    return nodes_table(progress.nodes, title=title)
+    spread = len({n.worker for n in progress.nodes.values()}) > 1
+    rows = [node_view_from_status(n) for n in progress.nodes.values()]
+    return Group(Text(title, style="bold"), NodesTable(rows, show_worker=spread))
 
 
 def summary_lines(result: SessionResult) -> list[str]:

@@ -62,7 +62,7 @@ def cluster_status(address: str, timing: ClusterTiming) -> dict[str, Any]:
         dealer.close()
         return body
     finally:
-        context.term()
+        context.destroy(linger=0)  # a request cut short (Ctrl-C) must not hang the exit
 
 
 def _nodes(view: dict[str, Any]) -> dict[str, NodeStatus]:
@@ -205,4 +205,4 @@ def send_mark(address: str, label: str, meta: dict[str, Any], timing: ClusterTim
         dealer.close()
         return body
     finally:
-        context.term()
+        context.destroy(linger=0)  # a request cut short (Ctrl-C) must not hang the exit

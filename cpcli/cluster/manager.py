@@ -30,6 +30,7 @@ from cpcli.archive.manifest import read_node_record, write_json_atomically, writ
 from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
 from cpcli.clock import CLOCK_WARN_NS
 from cpcli.cluster import messages as m
+from cpcli.cluster.archive_server import ArchiveServer
 from cpcli.cluster.channel import Router
 from cpcli.cluster.clocknet import ClockServer
 from cpcli.cluster.timing import ClusterTiming
@@ -71,11 +72,13 @@ class WorkerEntry:
     clock: dict[str, Any] = field(default_factory=dict)  # the worker's latest ClockMapping, as sent
     state: str = "ready"  # ready | running | lost
     lost_at: float | None = None
+    archive_port: int | None = None  # where its archive server listens (`cp collect`)
 
     def public(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "state": self.state, "version": self.version,
                 "last_heartbeat_s": round(now - self.last_heard, 3), "node_types": self.node_types,
                 "devices": self.devices, "clock": _clock_view(self.clock),
+                "archive": f"tcp://{self.host}:{self.archive_port}" if self.archive_port else None,
                 **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
                                                        "memory_available", "disk_free")}}
 
@@ -158,6 +161,7 @@ class Manager:
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)  # for cp status and cp monitor
         self._next_beat = 0.0
         self.started = time.monotonic()
+        self.archive: ArchiveServer | None = None  # serves the session records to `cp collect` while run() runs
         self._adopt_unfinished()
 
     @property
@@ -167,6 +171,8 @@ class Manager:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.archive = ArchiveServer(self.config.data_dir, self.config.interface, None, self._log).start()
         try:
             stopping_since: float | None = None
             while True:
@@ -178,6 +184,7 @@ class Manager:
                         self._stop_session("the manager is shutting down", interrupted=True)
                 self._turn()
         finally:
+            self.archive.stop()
             self.clock_server.close()
             self.router.close()
             self._context.term()
@@ -247,7 +254,8 @@ class Manager:
             self._by_identity.pop(current.identity, None)
         entry = WorkerEntry(name, peer, str(body["instance"]), str(body["host"]), str(body["version"]),
                             [str(t) for t in body["node_types"]], dict(body.get("resources") or {}),
-                            time.monotonic(), [d for d in body.get("devices") or [] if isinstance(d, dict)])
+                            time.monotonic(), [d for d in body.get("devices") or [] if isinstance(d, dict)],
+                            archive_port=body.get("archive_port"))
         was_lost = current is not None and current.state == LOST
         self.workers[name] = entry
         self._by_identity[peer] = name
@@ -542,6 +550,8 @@ class Manager:
             status = dict(session.statuses.get(node["id"]) or {"id": node["id"], "type": node["type"],
                                                                "state": "starting"})
             status["worker"] = node["worker"]
+            status["params"] = node.get("params") or {}  # cp monitor: the nominal rate
+            status["outputs"] = list(node.get("outputs") or [])  # cp monitor: the preview topics
             if node["id"] in session.bound:  # where a monitor subscribes to its previews
                 status["endpoint"] = session.bound[node["id"]].endpoint
             if node["worker"] in lost and status.get("state") not in ("done", "failed"):
@@ -706,7 +716,8 @@ class Manager:
         return {"manager": {"name": self.config.name, "cluster": self.config.cluster,
                             "address": f"{self.config.interface}:{self.port}", "version": __version__,
                             "protocol": PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
-                            "local_worker": self.config.local_worker},
+                            "local_worker": self.config.local_worker,
+                            "archive": self.archive.address if self.archive else None},
                 "workers": [e.public(now) for e in sorted(self.workers.values(), key=lambda e: e.name)],
                 "session": session, "events": list(self.recent_events)[-STATUS_EVENTS:]}
 

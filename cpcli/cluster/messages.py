@@ -40,6 +40,13 @@ PROGRESS = b"PROGRESS"  # phase, elapsed time, every node's state and statistics
 RESULT = b"RESULT"  # the session ended: its manifest and failures
 STATUS_REPLY = b"STATUS_REPLY"
 MARKED = b"MARKED"  # the event went in, at this session time
+# `cp collect` -> an archive server (each worker's, and the manager's for its session records)
+SESSIONS = b"SESSIONS"  # the sessions this machine holds
+SESSION_LIST = b"SESSION_LIST"  # ... as [{name, start_utc, status, workers, bytes}]
+PART = b"PART"  # this machine's part of a session: its record and every file with its sha256
+PART_REPLY = b"PART_REPLY"
+FETCH = b"FETCH"  # one chunk of one file: (path, offset, size), size at most the server's chunk size
+CHUNK = b"CHUNK"  # its header (path, offset, size), followed by a frame of raw bytes
 
 _Fields = dict[str, type | tuple[type, ...]]
 SCHEMAS: dict[bytes, _Fields] = {
@@ -67,11 +74,17 @@ SCHEMAS: dict[bytes, _Fields] = {
     STATUS_REPLY: {"manager": dict, "workers": list},
     MARK: {"v": int, "label": str, "meta": dict},
     MARKED: {"session": str, "t_ns": int},
+    SESSIONS: {"v": int},
+    SESSION_LIST: {"owner": str, "sessions": list},
+    PART: {"v": int, "session": str},
+    PART_REPLY: {"session": str, "owner": str, "files": list, "record": dict},
+    FETCH: {"session": str, "path": str, "offset": int, "size": int},
+    CHUNK: {"path": str, "offset": int, "size": int},
 }
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
 OPTIONAL: dict[bytes, _Fields] = {
-    REGISTER: {"resources": dict, "devices": list},
+    REGISTER: {"resources": dict, "devices": list, "archive_port": int},
     BEAT: {"resources": dict, "clock": dict},
     WELCOME: {"known_sessions": list},
     REFUSED: {"hint": str, "reregister": bool},

@@ -25,6 +25,7 @@ from cpcli.archive.session import SESSION_NAME
 from cpcli.clock import ClockMapping
 from cpcli.clocksync import Probe
 from cpcli.cluster import messages as m
+from cpcli.cluster.archive_server import ArchiveServer
 from cpcli.cluster.channel import Dealer
 from cpcli.cluster.clocknet import ClockClient
 from cpcli.cluster.machine import resources
@@ -109,17 +110,21 @@ class WorkerAgent:
         self._clock_new: ClockMapping | None = None  # set by the clock thread, taken by the loop
         self.clock: ClockMapping | None = None  # the latest estimate of this machine against the manager
         self._devices = _devices(registry, self._log)
+        self._archive: ArchiveServer  # serves this worker's recordings to `cp collect`; lives as long as run()
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
         resources(self.config.data_dir)  # primes psutil's CPU sampling
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._archive = ArchiveServer(self.config.data_dir, self.config.interface, self.config.name, self._log).start()
         try:
             self._connect()
             while not self._stop.is_set():
                 self._turn()
             self._shutdown()
         finally:
+            self._archive.stop()
             if self._clock_client is not None:
                 self._clock_client.close()
             for session in self._sessions.values():
@@ -173,7 +178,7 @@ class WorkerAgent:
         return {"v": PROTOCOL_VERSION, "name": self.config.name, "instance": self._instance,
                 "host": self.config.interface, "version": __version__,
                 "node_types": sorted(self._registry.types), "devices": self._devices, "sessions": sessions,
-                "resources": resources(self.config.data_dir)}
+                "resources": resources(self.config.data_dir), "archive_port": self._archive.port}
 
     def _keep_in_touch(self) -> None:
         now = time.monotonic()

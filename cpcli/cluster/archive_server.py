@@ -1,0 +1,289 @@
+"""The archive server of a machine: its recorded sessions, listed and served in chunks to `cp collect`.
+
+One thread owns one ROUTER on the machine's interface (random port). A worker serves its part of
+each session (`<session>/<worker>/...` and its nodes' logs); the manager serves its session
+records (`manifest.json`, `recipe.yaml`, `events.jsonl`). Requests are validated like every control
+message; a path that is absolute, has `..`, or resolves (through a symlink) outside the session is
+refused, and nothing outside the data folder is ever read. The client sets the pace: one chunk
+answers one FETCH, so the number of chunks in flight is the client's credit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import zmq
+
+from cpcli.archive.files import sha256_file
+from cpcli.cluster import messages as m
+from cpcli.cluster.channel import Router
+from cpcli.transport.protocol import pack_object
+
+CHUNK_BYTES = 1 << 20  # the largest chunk served: bounds memory per request on both ends
+POLL_MS = 100  # the thread's longest sleep: bounds how fast stop() is noticed
+JOIN_TIMEOUT_S = 5.0
+WORKER_RECORD = "worker.json"
+NODE_RECORD = "node.json"
+MANAGER_FILES = ("manifest.json", "recipe.yaml", "events.jsonl", "session.json")  # the manager's record
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def unsafe_path(path: str) -> str | None:
+    """Why `path` (relative, posix, as recorded) cannot name a file inside a session folder; None if it can."""
+    if not path or "\\" in path or "\x00" in path:
+        return "empty or with a backslash or NUL"
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        return "absolute"
+    if any(part in ("..", ".", "") for part in path.split("/")):
+        return "has '..' or an empty part"
+    return None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hashed(path: Path, rel: str, kind: str) -> dict[str, Any] | None:
+    try:
+        size, sha256 = sha256_file(path)
+    except OSError:
+        return None
+    return {"path": rel, "kind": kind, "bytes": size, "sha256": sha256, "recorded": False}
+
+
+class ArchiveServer:
+    """Serves the sessions under `data_dir`: the part `worker` owns, or (None) the manager's records."""
+
+    def __init__(self, data_dir: Path, host: str, worker: str | None, logger: logging.Logger | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.worker = worker
+        self.owner = worker or ""
+        self._log = logger or logging.getLogger("cpcli.archive_server")
+        self._context: zmq.Context[Any] = zmq.Context()
+        try:
+            self._router = Router(self._context, host, 0, self._log)
+        except Exception:
+            self._context.term()
+            raise
+        self.host, self.port = host, self._router.port
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="archive-server", daemon=True)
+        self.served_bytes = 0
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def start(self) -> ArchiveServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Idempotent; the thread closes its socket on its way out."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                self._log.warning("the archive server thread did not stop within %g s", JOIN_TIMEOUT_S)
+                return
+        if self._thread.ident is None and not self._closed:  # never started: nobody else closes
+            self._closed = True
+            self._router.close()
+            self._context.term()
+
+    def __enter__(self) -> ArchiveServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._router.socket.poll(POLL_MS):
+                    continue
+                while (message := self._router.receive()) is not None:
+                    peer, command, body = message
+                    try:
+                        self._answer(peer, command, body)
+                    except _Refused as err:
+                        self._router.send(peer, m.REFUSED, {"message": str(err)})
+        finally:
+            self._router.close()
+            self._context.term()
+
+    def _answer(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
+        if command == m.SESSIONS:
+            self._router.send(peer, m.SESSION_LIST, {"owner": self.owner, "sessions": self.sessions()})
+        elif command == m.PART:
+            session = self._session_dir(str(body["session"]))
+            files, record = self.part(session)
+            self._router.send(peer, m.PART_REPLY, {"session": session.name, "owner": self.owner,
+                                                   "files": files, "record": record})
+        elif command == m.FETCH:
+            self._fetch(peer, body)
+        # anything else valid on the control plane is not for us: dropped
+
+    def _fetch(self, peer: bytes, body: dict[str, Any]) -> None:
+        path, offset, size = str(body["path"]), int(body["offset"]), int(body["size"])
+        if offset < 0 or not 0 < size <= CHUNK_BYTES:
+            raise _Refused(f"chunk {offset}+{size} of {path} is out of bounds (at most {CHUNK_BYTES} bytes)")
+        target = self._file(self._session_dir(str(body["session"])), path)
+        try:
+            with open(target, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(size)
+        except OSError as err:
+            raise _Refused(f"cannot read {path} ({err.strerror})") from err
+        try:
+            self._router.socket.send_multipart(
+                [peer, m.CHUNK, pack_object({"path": path, "offset": offset, "size": len(data)}), data],
+                zmq.NOBLOCK, copy=False)
+            self.served_bytes += len(data)
+        except zmq.ZMQError:
+            pass  # the client is gone or not reading: it asks again
+
+    # -- what it serves ----------------------------------------------------------------------
+
+    def _session_dir(self, name: str) -> Path:
+        if not SESSION_NAME_RE.match(name) or name in (".", ".."):
+            raise _Refused(f"{name[:80]!r} is not a session name")
+        session = self.data_dir / name
+        if not session.is_dir() or session.is_symlink():
+            raise _Refused(f"no session {name} here")
+        return session
+
+    def _file(self, session: Path, path: str) -> Path:
+        why = unsafe_path(path)
+        if why is not None:
+            raise _Refused(f"refused path {path[:200]!r}: {why}")
+        first = path.split("/", 1)[0]
+        mine = (first in (self.worker, "logs")) if self.worker else ("/" not in path)
+        if not mine:
+            raise _Refused(f"refused path {path[:200]!r}: not part of what {self.owner or 'the manager'} serves")
+        target = session / path
+        try:
+            real = target.resolve(strict=True)
+        except (OSError, RuntimeError) as err:
+            raise _Refused(f"no file {path[:200]} in session {session.name}") from err
+        if not real.is_relative_to(session.resolve()) or not real.is_file():
+            raise _Refused(f"refused path {path[:200]!r}: it leads outside the session or to no regular file")
+        return real
+
+    def sessions(self) -> list[dict[str, Any]]:
+        found = []
+        try:
+            entries = sorted(self.data_dir.iterdir())
+        except OSError:
+            return []
+        for session in entries:
+            if not session.is_dir() or session.is_symlink() or not SESSION_NAME_RE.match(session.name):
+                continue
+            if self.worker is not None:
+                part = session / self.worker
+                if not part.is_dir():
+                    continue
+                record = _json(part / WORKER_RECORD)
+                found.append({"name": session.name, "start_utc": None, "status": record.get("phase", "unknown"),
+                              "workers": [self.worker], "bytes": _tree_bytes(part)})
+                continue
+            manifest = _json(session / "manifest.json") or _json(session / "session.json")
+            if not manifest:
+                continue
+            workers = sorted(manifest.get("workers") or {n.get("worker") for n in manifest.get("nodes") or []
+                                                         if isinstance(n, dict)})
+            bytes_ = sum(int(f.get("bytes") or 0) for f in manifest.get("files") or [] if isinstance(f, dict))
+            found.append({"name": session.name, "start_utc": manifest.get("start_utc"),
+                          "status": manifest.get("status") or manifest.get("phase") or "unknown",
+                          "workers": [str(w) for w in workers if w], "bytes": bytes_})
+        return found
+
+    def part(self, session: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Every file of this machine's part, with the sha256 its record holds (or one computed now)."""
+        if self.worker is None:
+            record = _json(session / "manifest.json")
+            recorded = {str(f.get("path")): f for f in record.get("files") or [] if isinstance(f, dict)}
+            own: list[dict[str, Any]] = []
+            for name in MANAGER_FILES:
+                path = session / name
+                if path.is_file() and not path.is_symlink():
+                    entry = dict(recorded[name], recorded=True) if name in recorded else _hashed(path, name, "record")
+                    if entry is not None:
+                        own.append(entry)
+            if not own:
+                raise _Refused(f"no record of session {session.name} here")
+            return own, record
+        part = session / self.worker
+        if not part.is_dir():
+            raise _Refused(f"worker {self.worker} holds no part of session {session.name}")
+        record = _json(part / WORKER_RECORD)
+        listed: list[Any] = list(record.get("files") or [])
+        for status in dict(record.get("nodes") or {}).values():
+            if isinstance(status, dict):
+                listed.extend(status.get("files") or [])
+        for node_record in sorted(part.glob(f"*/{NODE_RECORD}")):
+            listed.extend(_json(node_record).get("files") or [])
+        files: dict[str, dict[str, Any]] = {}
+        for entry in listed:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] not in files:
+                files[entry["path"]] = dict(entry, recorded=True)
+        for root, dirs, names in os.walk(part):  # what no record lists: node.json, worker.json, a killed node's files
+            dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
+            for name in sorted(names):
+                path = Path(root) / name
+                rel = path.relative_to(session).as_posix()
+                if rel in files or name.endswith((".tmp", ".part")) or path.is_symlink():
+                    continue
+                entry = _hashed(path, rel, "record" if name.endswith(".json") else "unrecorded")
+                if entry is not None:
+                    files[rel] = entry
+        for node_dir in sorted(p for p in part.iterdir() if p.is_dir()):
+            rel = f"logs/{node_dir.name}.log"
+            log = session / rel
+            if rel not in files and log.is_file() and not log.is_symlink():
+                entry = _hashed(log, rel, "log")
+                if entry is not None:
+                    files[rel] = entry
+        return list(files.values()), record
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                total += (Path(root) / name).lstat().st_size
+            except OSError:
+                continue
+    return total
+
+
+def sha256_prefix(path: Path) -> tuple[int, Any]:
+    """A partial file's size and running sha256 (to continue hashing as its remaining chunks arrive)."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest
+
+
+class _Refused(Exception):
+    """A request this server does not answer with data; the message goes back to the client."""

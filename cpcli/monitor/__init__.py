@@ -1,0 +1,1 @@
+"""`cp monitor`: snapshots of the cluster (state), previews from the nodes (feed), how they look (view)."""

@@ -1,0 +1,283 @@
+"""`cp collect` in the namespace lab: a session from three machines into one verified folder, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from cpcli.cluster import messages as m
+from cpcli.cluster.archive_server import CHUNK_BYTES, ArchiveServer
+from cpcli.cluster.collect import PartReport, pull_part
+from cpcli.cluster.transfer import ArchiveLink, Refused
+from cpcli.transport.protocol import PROTOCOL_VERSION
+from tests.cluster import PORT, ClusterLab, Proc
+from tests.lab import Lab, lab
+
+__all__ = ["lab"]
+
+pytestmark = pytest.mark.timeout(150)
+
+RECIPE = """\
+name: collect-me
+nodes:
+  cam:
+    type: test_video
+    worker: w2
+    params: {width: 160, height: 120, rate_hz: 30}
+    record: true
+  gray:
+    type: grayscale
+    worker: w3
+    inputs: [cam]
+    sync: all
+    record: true
+  motion:
+    type: motion
+    worker: w2
+    inputs: [gray]
+    sync: all
+    record: true
+"""
+TIMING = {"beat_s": 0.25, "answer_timeout_s": 3.0}
+BIG_BYTES = 96 << 20  # at the shaped rate below, a few seconds on the wire
+SHAPED_RATE = "200mbit"  # ~25 MB/s: slow enough to act in the middle of a transfer
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _session(lab: Lab, tmp_path: Path) -> tuple[ClusterLab, str, str]:
+    """Manager on host 1, workers w2 and w3 on hosts 2 and 3; one short recorded session."""
+    lab.add_host()
+    cluster = ClusterLab(lab, tmp_path, TIMING)
+    address = f"{lab.ip(1)}:{PORT}"
+    cluster.manager(1, "m1", "--no-local-worker")
+    cluster.worker(2, "w2", "--manager", address)
+    cluster.worker(3, "w3", "--manager", address)
+    done = cluster.cp(1, "run", str(cluster.recipe(RECIPE)), "--duration", "2s", "--json", "--manager", address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return cluster, address, Path(json.loads(done.stdout)["session_dir"]).name
+
+
+def _collect(cluster: ClusterLab, address: str, out: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    done = cluster.cp(1, "collect", *extra, "--out", str(out), "--json", "--manager", address, timeout_s=90)
+    try:
+        return done.returncode, json.loads(done.stdout), done.stderr
+    except ValueError:
+        raise AssertionError(f"cp collect printed no JSON ({done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+
+def _big_file(cluster: ClusterLab, worker: str, session: str) -> Path:
+    """A large file in a worker's part (an unrecorded one: the archive server hashes it when listed)."""
+    path = cluster.data(worker) / session / worker / "big" / "blob.bin"
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as fh:
+        for i in range(BIG_BYTES // (1 << 20)):
+            fh.write(hashlib.sha256(str(i).encode()).digest() * (1 << 15))
+    return path
+
+
+def _shape(lab: Lab, host: int) -> None:
+    shaper = lab.run(host, ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", SHAPED_RATE,
+                            "burst", "256kb", "latency", "200ms"])
+    assert shaper.wait(10) == 0
+
+
+def _wait_for_part(path: Path, proc: subprocess.Popen[Any] | Proc, timeout_s: float) -> None:
+    part = path.with_name(path.name + ".part")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # bounded by timeout_s
+        if part.exists() and 0 < part.stat().st_size < BIG_BYTES // 2:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no partial {part} within {timeout_s:g} s")
+
+
+def test_collect_gathers_every_part_verified_and_a_second_run_moves_nothing(lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    out = tmp_path / "out"
+    code, result, err = _collect(cluster, address, out)  # no SESSION: the latest
+    assert code == 0, (result, err)
+    assert result["session"] == session and result["complete"]
+    folder = out / session
+    sources = {"w2": cluster.data("w2") / session, "w3": cluster.data("w3") / session}
+    compared = 0
+    for worker, source in sources.items():
+        for path in (source / worker).rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(source)
+                assert (folder / rel).read_bytes() == path.read_bytes(), rel
+                compared += 1
+        for log in (source / "logs").glob("*.log"):
+            assert _sha(folder / "logs" / log.name) == _sha(log)
+    assert compared >= 8
+    for name in ("recipe.yaml", "events.jsonl"):
+        assert _sha(folder / name) == _sha(cluster.data("m1") / session / name)
+    assert not list(folder.rglob("*.part"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    original = json.loads((cluster.data("m1") / session / "manifest.json").read_text())
+    assert manifest["nodes"].keys() == original["nodes"].keys() and manifest["workers"] == original["workers"]
+    collected = manifest["collected"]
+    assert collected["complete"] and not collected["missing"] and not collected["mismatched"]
+    verified = {f["path"]: f["sha256"] for f in collected["verified"]}
+    for node in original["nodes"].values():
+        for f in node["files"]:
+            assert verified[f["path"]] == f["sha256"] == _sha(folder / f["path"])
+    assert set(collected["from"]) == {"manager", "w2", "w3"}
+    inspect = cluster.cp(1, "inspect", str(folder))
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    listed = cluster.cp(1, "collect", "--list", "--json", "--out", str(out), "--manager", address)
+    assert listed.returncode == 0, listed.stderr
+    assert [(s["name"], s["collected"]) for s in json.loads(listed.stdout)] == [(session, True)]
+
+    code, again, err = _collect(cluster, address, out, session)
+    assert code == 0, (again, err)
+    assert again["transferred_bytes"] == 0
+
+    # a file changed on its worker after its record was written: fetched twice, then reported
+    victim = sources["w2"] / "w2" / "cam" / "video.timestamps.csv"
+    data = bytearray(victim.read_bytes())
+    data[-2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    (folder / "w2" / "cam" / "video.timestamps.csv").unlink()
+    code, bad, err = _collect(cluster, address, out, session)
+    assert code == 1
+    assert [f["path"] for f in bad["parts"]["w2"]["mismatched"]] == ["w2/cam/video.timestamps.csv"]
+    assert bad["parts"]["w3"]["mismatched"] == [] and bad["parts"]["w3"]["status"] == "complete"
+    assert not (folder / "w2" / "cam" / "video.timestamps.csv").exists()
+    mismatched = json.loads((folder / "manifest.json").read_text())["collected"]["mismatched"]
+    assert [(f["path"], f["worker"]) for f in mismatched] == [("w2/cam/video.timestamps.csv", "w2")]
+    human = cluster.cp(1, "collect", session, "--out", str(out), "--manager", address)
+    assert human.returncode == 1 and "w2 incomplete" in human.stderr and "1 mismatched" in human.stderr
+
+
+def test_a_worker_cut_off_mid_collect_is_reported_and_a_second_run_completes(lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    big = _big_file(cluster, "w3", session)
+    _shape(lab, 3)
+    out = tmp_path / "out"
+    proc = cluster.start(1, ["collect", session, "--out", str(out), "--json", "--manager", address], "collect")
+    _wait_for_part(out / session / big.relative_to(cluster.data("w3") / session), proc, 30)
+    lab.link_down(3)
+    code = proc.wait(60)
+    assert code == 1, proc.text()
+    result = json.loads(proc.text()[proc.text().index("{"):])
+    assert result["parts"]["w2"]["status"] == "complete" and result["parts"]["manager"]["status"] == "complete"
+    w3 = result["parts"]["w3"]
+    assert w3["status"] == "unreachable" and "w3/big/blob.bin" in {f["path"] for f in w3["missing"]}
+    missing = json.loads((out / session / "manifest.json").read_text())["collected"]["missing"]
+    assert {f["worker"] for f in missing} == {"w3"}
+    assert (out / session / "w2" / "cam" / "video.timestamps.csv").exists()
+
+    lab.link_up(3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # bounded: w3 rejoins once its link is back
+        workers = {w["name"]: w for w in cluster.status(1, address)["workers"]}
+        if workers["w3"]["state"] == "ready":
+            break
+        time.sleep(0.2)
+    code, again, err = _collect(cluster, address, out, session)
+    assert code == 0, (again, err)
+    assert _sha(out / session / "w3" / "big" / "blob.bin") == _sha(big)
+    assert again["transferred_bytes"] < BIG_BYTES  # it continued the partial file
+    assert json.loads((out / session / "manifest.json").read_text())["collected"]["complete"]
+
+
+def test_collect_killed_mid_file_resumes_with_little_transferred_twice(lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    big = _big_file(cluster, "w2", session)
+    _shape(lab, 2)
+    out = tmp_path / "out"
+    proc = cluster.start(1, ["collect", session, "--out", str(out), "--json", "--manager", address], "collect")
+    target = out / session / big.relative_to(cluster.data("w2") / session)
+    _wait_for_part(target, proc, 30)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    before = target.with_name(target.name + ".part").stat().st_size
+    code, result, err = _collect(cluster, address, out, session)
+    assert code == 0, (result, err)
+    total = sum(p.stat().st_size for p in (out / session).rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert before + result["transferred_bytes"] < 1.2 * total
+    assert _sha(target) == _sha(big)
+
+
+def test_archive_server_refuses_paths_outside_the_session_and_survives_garbage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    part = data / "s1" / "w9" / "cam"
+    part.mkdir(parents=True)
+    (part / "video.timestamps.csv").write_bytes(b"index,t_ns\n0,0\n")
+    (tmp_path / "secret.txt").write_text("not yours")
+    (part / "link.csv").symlink_to(tmp_path / "secret.txt")
+    (data / "s1" / "w9" / "worker.json").write_text(json.dumps({"worker": "w9", "phase": "finished", "nodes": {
+        "cam": {"files": [{"path": "../escape", "kind": "x", "bytes": 1, "sha256": "0"}]}}, "files": []}))
+    context: zmq.Context[Any] = zmq.Context()
+    with ArchiveServer(data, "127.0.0.1", "w9", logging.getLogger("test")) as server:
+        junk = context.socket(zmq.DEALER)
+        junk.setsockopt(zmq.LINGER, 0)
+        junk.connect(server.address)
+        junk.send_multipart([b"FETCH", b"\xc1not msgpack"])
+        junk.send_multipart([b"garbage"])
+        link = ArchiveLink(context, server.address, 3.0)
+        try:
+            for bad in ("../../secret.txt", "/etc/passwd", "w9/cam/link.csv", "w9/../../secret.txt",
+                        "other/cam/x.csv"):
+                with pytest.raises(Refused):
+                    link.request(m.FETCH, {"session": "s1", "path": bad, "offset": 0, "size": 10}, m.CHUNK)
+            with pytest.raises(Refused):
+                link.request(m.FETCH, {"session": "..", "path": "w9/cam/video.timestamps.csv", "offset": 0,
+                                       "size": 10}, m.CHUNK)
+            with pytest.raises(Refused):
+                link.request(m.FETCH, {"session": "s1", "path": "w9/cam/video.timestamps.csv", "offset": 0,
+                                       "size": CHUNK_BYTES + 1}, m.CHUNK)
+            link.send(m.FETCH, {"session": "s1", "path": "w9/cam/video.timestamps.csv", "offset": 6, "size": 100})
+            command, header, chunk = link.receive()
+            assert command == m.CHUNK and chunk == b"t_ns\n0,0\n" and header["size"] == len(chunk)
+            part_reply = link.request(m.PART, {"session": "s1"}, m.PART_REPLY)
+            paths = {f["path"] for f in part_reply["files"]}
+            assert "../escape" in paths and "w9/cam/link.csv" not in paths  # listed as recorded; the client refuses it
+            listed = link.request(m.SESSIONS, {"v": PROTOCOL_VERSION}, m.SESSION_LIST)
+            assert [s["name"] for s in listed["sessions"]] == ["s1"]
+        finally:
+            link.close()
+            junk.close()
+    context.term()
+    assert server.served_bytes == len(b"t_ns\n0,0\n")
+
+
+def test_a_part_listing_paths_outside_the_folder_is_refused_and_the_rest_collected(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out" / "s1"
+    (data / "s1" / "w9" / "cam").mkdir(parents=True)
+    good = data / "s1" / "w9" / "cam" / "video.timestamps.csv"
+    good.write_bytes(b"index,t_ns\n" + b"0,0\n" * 300_000)  # over one chunk
+    entry = {"path": "w9/cam/video.timestamps.csv", "kind": "timestamps", "bytes": good.stat().st_size,
+             "sha256": _sha(good)}
+    evil = [{"path": p, "kind": "x", "bytes": 1, "sha256": "0"} for p in ("../escape", "/tmp/abs", "w9/../../up")]
+    (data / "s1" / "w9" / "worker.json").write_text(json.dumps({"nodes": {"cam": {"files": [entry, *evil]}}}))
+    context: zmq.Context[Any] = zmq.Context()
+    with ArchiveServer(data, "127.0.0.1", "w9") as server:
+        link = ArchiveLink(context, server.address, 3.0)
+        try:
+            reply = link.request(m.PART, {"session": "s1"}, m.PART_REPLY)
+            part = PartReport("w9", server.address, files=reply["files"])
+            seen: list[int] = []
+            pull_part(link, "s1", out, part, lambda _p, done, _t: seen.append(done))
+        finally:
+            link.close()
+    context.term()
+    assert sorted(f["path"] for f in part.missing) == ["../escape", "/tmp/abs", "w9/../../up"]
+    assert all("refused" in f["reason"] for f in part.missing)
+    assert sorted(f["path"] for f in part.verified) == [entry["path"], "w9/worker.json"]
+    assert part.status == "incomplete"
+    assert (out / entry["path"]).read_bytes() == good.read_bytes() and seen[-1] >= entry["bytes"]
+    assert not (tmp_path / "out" / "escape").exists() and not (tmp_path / "up").exists()
