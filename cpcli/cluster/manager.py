@@ -35,7 +35,7 @@ from cpcli.cluster.channel import Router
 from cpcli.cluster.clocknet import ClockServer
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.errors import ArchiveError, CpError, TransportError
-from cpcli.runtime.plan import plan_from_dict
+from cpcli.runtime.plan import plan_from_dict, status_from_dict, status_to_dict
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
 from cpcli.transport.protocol import PROTOCOL_VERSION
@@ -449,6 +449,14 @@ class Manager:
     def _state(self, session: ClusterSession, worker: str, body: dict[str, Any]) -> None:
         for node_id, status in dict(body.get("nodes") or {}).items():
             if isinstance(status, dict) and any(n["id"] == node_id and n["worker"] == worker for n in session.nodes):
+                try:  # a malformed status (wrong types deep inside) is dropped, never trusted
+                    checked = status_from_dict(dict(status, id=node_id))
+                    if not all(isinstance(f.get("path"), str) for f in checked.files):
+                        raise TypeError("a file without a path")
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
+                    self._log.warning("dropped a malformed status of node %s from worker %s: %s", node_id, worker, err)
+                    continue
+                status = status_to_dict(checked)
                 session.statuses[node_id] = status
                 if status.get("error") and node_id not in session.failures:
                     session.failures[node_id] = str(status["error"])
