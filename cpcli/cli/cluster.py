@@ -18,7 +18,7 @@ import typer
 from cpcli.cli.output import err_console, out_console
 from cpcli.cli.status import status_view
 from cpcli.cluster.discovery import DEFAULT_CLUSTER, NAME_RE, Advertiser, ManagerAdvert, find_manager, interface_for
-from cpcli.cluster.locate import announce_local, forget_local, locate
+from cpcli.cluster.locate import announce_local, forget_record, locate
 from cpcli.cluster.machine import address_towards, default_interface, manager_address
 from cpcli.cluster.manager import Manager, ManagerConfig
 from cpcli.cluster.timing import ClusterTiming
@@ -134,7 +134,7 @@ def manager_command(
             worker_stop.set()
             if worker_thread is not None:
                 worker_thread.join(60)
-            forget_local(local_file)
+            forget_record(local_file)
             if advertiser is not None:
                 advertiser.stop()
     if worker_error:

@@ -34,21 +34,18 @@ def netns_id() -> str:
         return "host"
 
 
-def _file(cluster: str) -> Path:
-    return runtime_dir() / f"manager-{netns_id()}-{cluster}.json"
-
-
-def announce_local(cluster: str, name: str, address: str) -> Path:
-    """Say "a manager runs here"; remove the file with `forget_local` when it stops."""
-    path = _file(cluster)
+def write_record(name: str, data: dict[str, Any]) -> Path:
+    """`<runtime dir>/<name>.json` holding `data` and this process's pid, written atomically."""
+    path = runtime_dir() / f"{name}.json"
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "cluster": cluster, "name": name, "address": address}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), **data}))
     tmp.replace(path)
     return path
 
 
-def forget_local(path: Path) -> None:
+def forget_record(path: Path) -> None:
+    """Remove a record this process wrote (never another process's)."""
     try:
         data = json.loads(path.read_text())
         if data.get("pid") == os.getpid():
@@ -57,18 +54,28 @@ def forget_local(path: Path) -> None:
         pass
 
 
-def local_managers(cluster: str | None) -> list[dict[str, Any]]:
-    """Managers running on this machine (in this network namespace), of `cluster` when given."""
+def live_records(pattern: str) -> list[dict[str, Any]]:
+    """The records matching `pattern` whose process still runs."""
     found = []
-    for path in sorted(runtime_dir().glob(f"manager-{netns_id()}-*.json")):
+    for path in sorted(runtime_dir().glob(f"{pattern}.json")):
         try:
             data = json.loads(path.read_text())
-            alive = psutil.pid_exists(int(data["pid"]))
+            alive = isinstance(data, dict) and psutil.pid_exists(int(data["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if alive and (cluster is None or data.get("cluster") == cluster):
+        if alive:
             found.append(data)
     return found
+
+
+def announce_local(cluster: str, name: str, address: str) -> Path:
+    """Say "a manager runs here"; remove the file with `forget_record` when it stops."""
+    return write_record(f"manager-{netns_id()}-{cluster}", {"cluster": cluster, "name": name, "address": address})
+
+
+def local_managers(cluster: str | None) -> list[dict[str, Any]]:
+    """Managers running on this machine (in this network namespace), of `cluster` when given."""
+    return [d for d in live_records(f"manager-{netns_id()}-*") if cluster is None or d.get("cluster") == cluster]
 
 
 def locate(manager: str | None, interface: str | None, cluster: str | None, timeout_s: float,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,6 @@ def address_towards(host: str) -> str:
             return str(probe.getsockname()[0])
         except OSError:
             return "127.0.0.1"
-
-
-def default_name() -> str:
-    """This machine's host name, made safe as a folder and mDNS name."""
-    name = re.sub(r"[^a-z0-9_.-]+", "-", socket.gethostname().lower()).strip("-.")[:30]
-    return name or "worker"
 
 
 def resources(data_dir: Path) -> dict[str, Any]:

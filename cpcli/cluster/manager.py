@@ -480,11 +480,12 @@ class Manager:
                                  {"session": session.name, "source": source, "sent": body["sent"]})
 
     def _advance(self, session: ClusterSession, now: float) -> None:
-        runtime = Timing.from_dict(session.timing)
-        if session.phase in ("preparing", "wired") and now - session.created > runtime.ready_timeout_s:
+        ready_timeout_s = Timing.from_dict(session.timing).ready_timeout_s if session.phase in (
+            "preparing", "wired") else 0.0
+        if session.phase in ("preparing", "wired") and now - session.created > ready_timeout_s:
             late = [n["id"] for n in session.nodes if n["id"] not in session.bound
                     or n["worker"] not in session.ready]
-            self._fail(session, f"nodes not ready after {runtime.ready_timeout_s:.0f} s: {', '.join(late)}")
+            self._fail(session, f"nodes not ready after {ready_timeout_s:.0f} s: {', '.join(late)}")
         if session.phase == "wired" and session.ready >= set(session.workers):
             self._start(session)
         if session.phase == "running":

@@ -155,12 +155,10 @@ class WorkerAgent:
         for session in running:
             self._announce(f"stopping session {session.name}: closing recordings")
             self._begin_stop(session)
-        deadline = time.monotonic() + 30.0
+        # each session finishes by its own stop deadline (drain + exit); this bounds the wait for all
+        deadline = max((s.stop_deadline for s in running), default=0.0) + 1.0
         while any(s.phase != "finished" for s in running) and time.monotonic() < deadline:
-            self._turn_without_stop()
-
-    def _turn_without_stop(self) -> None:
-        self._turn()
+            self._turn()
 
     # -- the manager -------------------------------------------------------------------------
 
@@ -381,9 +379,7 @@ class WorkerAgent:
         session.stop_deadline = time.monotonic() + runtime.drain_timeout_s + runtime.exit_timeout_s
 
     def _advance(self, session: _Session) -> None:
-        if session.phase == "finished":
-            if session.final is not None and not session.final_acked and self._joined:
-                pass  # re-sent with every register; the manager acknowledges in WELCOME
+        if session.phase == "finished":  # its final report goes with every REGISTER until WELCOME acknowledges it
             return
         supervisor = session.supervisor
         supervisor.poll(0)

@@ -14,36 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from cpcli.cluster.locate import netns_id, runtime_dir
+from cpcli.cluster.locate import forget_record, live_records, netns_id, write_record
 
 
 def announce(session: str, events: Path, start_ns: int) -> Path:
-    path = runtime_dir() / f"session-{netns_id()}-{os.getpid()}.json"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "session": session, "events": str(events), "start_ns": start_ns}))
-    tmp.replace(path)
-    return path
+    return write_record(f"session-{netns_id()}-{os.getpid()}",
+                        {"session": session, "events": str(events), "start_ns": start_ns})
 
 
 def forget(path: Path) -> None:
-    path.unlink(missing_ok=True)
+    forget_record(path)
 
 
 def running() -> list[dict[str, Any]]:
     """Sessions recording on this machine (in this network namespace) without a manager."""
-    found = []
-    for path in sorted(runtime_dir().glob(f"session-{netns_id()}-*.json")):
-        try:
-            data = json.loads(path.read_text())
-            alive = psutil.pid_exists(int(data["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if alive:
-            found.append(data)
-    return found
+    return live_records(f"session-{netns_id()}-*")
 
 
 def mark_here(session: dict[str, Any], label: str, meta: dict[str, Any]) -> int:
