@@ -138,6 +138,38 @@ class Credentials:
         return cls(cluster, public.encode(), bytes.fromhex(secret))
 
 
+@dataclass(frozen=True)
+class DataSecurity:
+    """How one session's node publishers and subscribers meet: Curve (encrypted), or PLAIN (members, in the clear)."""
+
+    credentials: Credentials
+    encrypt: bool
+    session: str
+
+    def serve(self, sock: zmq.Socket[Any]) -> None:
+        if self.encrypt:
+            self.credentials.serve(sock)
+        else:
+            self.credentials.serve_plain(sock)
+
+    def connect_to(self, sock: zmq.Socket[Any]) -> None:
+        if self.encrypt:
+            self.credentials.connect_to(sock)
+        else:
+            self.credentials.login_plain(sock, self.session)
+
+    def passwords(self) -> set[bytes]:
+        return set() if self.encrypt or self.credentials.insecure else {self.credentials.data_password(self.session)}
+
+    def to_env(self) -> str:
+        return f"{int(self.encrypt)}:{self.session}:{self.credentials.to_env()}"
+
+    @classmethod
+    def from_env(cls, text: str) -> DataSecurity:
+        encrypt, session, creds = text.split(":", 2)
+        return cls(Credentials.from_env(creds), encrypt == "1", session)
+
+
 @dataclass
 class _Pending:
     due: float
