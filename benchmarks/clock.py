@@ -6,6 +6,7 @@ Run as root, as a plain script (not a pytest test):
     python benchmarks/clock.py --no-hog        # the quiet run only: about 65 s
     python benchmarks/clock.py --busy-threads  # + 60 s with a busy Python thread in every clock process: ~3 min 25 s
     python benchmarks/clock.py --duration 20   # shorter windows (smoke run)
+    python benchmarks/clock.py --keyed         # probes and answers carrying the MAC of a cluster with keys
     python benchmarks/clock.py --json
 
 The lab is `tests/lab.py`'s `Lab`: three network namespaces on one bridge (198.18.0.1-3/24), nothing
@@ -53,6 +54,7 @@ import json
 import math
 import os
 import queue
+import secrets
 import select
 import shutil
 import subprocess
@@ -68,7 +70,7 @@ import _common as c
 sys.path.insert(0, str(c.REPO))  # tests/ is not a package on the path when run as a script
 from cpcli.clock import ClockMapping  # noqa: E402
 from cpcli.clocksync import OffsetEstimator, Probe  # noqa: E402
-from cpcli.cluster.clocknet import BURST, ClockClient, ClockServer  # noqa: E402
+from cpcli.cluster.clocknet import BURST, MAC_BYTES, ClockClient, ClockServer  # noqa: E402
 from tests.lab import Lab, read_line  # noqa: E402
 
 PORT = 7425  # the manager's default control port: the clock server shares its number
@@ -76,7 +78,7 @@ SKEW_S = 1000  # hosts 2 and 3 run +SKEW_S and -SKEW_S s off the manager's monot
 DEFAULT_DURATION_S = 60.0  # the issue's window
 SAMPLE_MS = 10.0  # one alignment sample every 10 ms: 6,000 over 60 s
 TARGET_P99_NS = 100_000  # issue 5: p99 <= 0.1 ms
-PROBE_BYTES, ANSWER_BYTES = 24, 40  # UDP payloads (clocknet.py's _PROBE and _ANSWER)
+PROBE_BYTES, ANSWER_BYTES = 24, 40  # UDP payloads (clocknet.py's _PROBE and _ANSWER); --keyed adds MAC_BYTES each
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8) per datagram
 LSL_EVERY_BURSTS = 2  # LSL's TimeUpdateInterval 2 s; our bursts come every 1 s
 LSL_MIN_PROBES = 6  # LSL's TimeUpdateMinProbes: fewer answers, no update
@@ -182,7 +184,8 @@ def _spin_thread(stop: threading.Event, limit_s: float) -> threading.Thread:
     return thread
 
 
-def role_client(server: str, port: int, duration_s: float, sample_ms: float, busy_thread: bool) -> None:
+def role_client(server: str, port: int, duration_s: float, sample_ms: float, busy_thread: bool,
+                key: bytes | None) -> None:
     """A skewed worker: our ClockClient, the LSL-style baseline on its probes, and the alignment samples."""
     true_offset = _true_offset_ns()
     stop_busy = threading.Event()
@@ -195,7 +198,7 @@ def role_client(server: str, port: int, duration_s: float, sample_ms: float, bus
         with lock:
             latest[:] = [mapping]
 
-    client = ClockClient(server, port, on_estimate)
+    client = ClockClient(server, port, on_estimate, key=key)
     client.estimator = recorder
     lsl = LslBaseline()
     bursts: list[tuple[int, list[Probe]]] = []
@@ -273,9 +276,9 @@ def role_client(server: str, port: int, duration_s: float, sample_ms: float, bus
            "recorded": [[done, [[p.t1, p.t2, p.t3, p.t4] for p in probes]] for done, probes in bursts]})
 
 
-def role_server(host: str, port: int, limit_s: float, busy_thread: bool) -> None:
+def role_server(host: str, port: int, limit_s: float, busy_thread: bool, key: bytes | None) -> None:
     """The manager's side: a ClockServer until "stop" arrives on stdin (or limit_s passes)."""
-    server = ClockServer(host, port)
+    server = ClockServer(host, port, lambda: key)
     server.start()
     stop_busy = threading.Event()
     busy = _spin_thread(stop_busy, limit_s) if busy_thread else None
@@ -327,12 +330,14 @@ def _json_line(proc: subprocess.Popen[bytes], what: str, timeout_s: float) -> di
 
 
 def run_phase(lab: Lab, name: str, duration_s: float, sample_ms: float, hog_procs: int = 0,
-              busy_threads: bool = False) -> Phase:
+              busy_threads: bool = False, key: bytes | None = None) -> Phase:
     """One measurement: a server on host 1, a +SKEW_S client on host 2 and a -SKEW_S one on host 3."""
     phase = Phase(name, hog_procs, busy_threads)
-    busy = ["--busy-thread"] if busy_threads else []
+    flags = ["--busy-thread"] if busy_threads else []
+    if key is not None:  # a throwaway key of this run: on the lab processes' command lines, it opens nothing else
+        flags += ["--clock-key", key.hex()]
     server = _child(lab, 1, ["server", "--server", lab.ip(1), "--port", str(PORT),
-                             "--duration", str(duration_s + START_TIMEOUT_S + 2 * END_SLACK_S), *busy])
+                             "--duration", str(duration_s + START_TIMEOUT_S + 2 * END_SLACK_S), *flags])
     _json_line(server, "clock server", START_TIMEOUT_S)
     hogs = [_child(lab, 1, ["hog", "--duration", str(duration_s + START_TIMEOUT_S)]) for _ in range(hog_procs)]
     load = c.Load().start()
@@ -340,7 +345,7 @@ def run_phase(lab: Lab, name: str, duration_s: float, sample_ms: float, hog_proc
     for host, skew in ((2, SKEW_S), (3, -SKEW_S)):
         wrap = ("unshare", "--time", "--monotonic", str(skew))
         role = ["client", "--server", lab.ip(1), "--port", str(PORT), "--duration", str(duration_s),
-                "--sample-ms", str(sample_ms), *busy]
+                "--sample-ms", str(sample_ms), *flags]
         clients[f"{skew:+d} s"] = _child(lab, host, role, wrap)
     for label, proc in clients.items():
         aligned = _json_line(proc, f"client {label}", START_TIMEOUT_S + FIRST_ESTIMATE_TIMEOUT_S)
@@ -396,7 +401,10 @@ def _us(ns: float) -> str:
     return "-" if ns != ns else f"{ns / 1e3:.1f}"
 
 
-def render(phases: list[Phase], drift_ppm: float, replays: dict[str, dict[str, dict[str, float]]]) -> str:
+def render(phases: list[Phase], drift_ppm: float, replays: dict[str, dict[str, dict[str, float]]],
+           keyed: bool = False) -> str:
+    mac = MAC_BYTES if keyed else 0
+    probe_bytes, answer_bytes = PROBE_BYTES + mac, ANSWER_BYTES + mac
     out = ["manager: ClockServer on 198.18.0.1 (host 1); workers: our ClockClient under unshare --time --monotonic "
            f"+{SKEW_S} (host 2) and -{SKEW_S} (host 3); error = mapping(local) - (local + kernel's offset), "
            f"sampled every {SAMPLE_MS:g} ms from the first estimate; |error| in microseconds; bias = median signed "
@@ -421,7 +429,8 @@ def render(phases: list[Phase], drift_ppm: float, replays: dict[str, dict[str, d
     out.append(c.table(head, rows))
     out += ["", "cost of our estimator per worker (the clock-client thread does all of it: probes, fit, callback); "
             "process = the whole client program, which also runs the 100 Hz sampling loop; payload = probes/s x "
-            f"({PROBE_BYTES} + {ANSWER_BYTES} B), IP = + {IP_UDP_HEADER_BYTES} B headers each way; "
+            f"({probe_bytes} + {answer_bytes} B{', keyed' if keyed else ''}), "
+            f"IP = + {IP_UDP_HEADER_BYTES} B headers each way; "
             "eth0 = measured Ethernet frames both ways on that host", ""]
     head = ["run", "worker", "thread CPU %", "process CPU %", "probes/s", "payload B/s", "IP B/s", "eth0 B/s",
             "eth0 pkt/s", "RTT p50/p99 us", "best RTT p50/max us"]
@@ -433,8 +442,8 @@ def render(phases: list[Phase], drift_ppm: float, replays: dict[str, dict[str, d
             net = r["net"]
             rows.append([phase.name, label, f"{100 * r['thread_cpu_s'] / wall:.3f}",
                          f"{100 * r['process_cpu_s'] / wall:.2f}", f"{r['probes_sent'] / wall:.2f}",
-                         f"{pps * (PROBE_BYTES + ANSWER_BYTES):.0f}",
-                         f"{pps * (PROBE_BYTES + ANSWER_BYTES + 2 * IP_UDP_HEADER_BYTES):.0f}",
+                         f"{pps * (probe_bytes + answer_bytes):.0f}",
+                         f"{pps * (probe_bytes + answer_bytes + 2 * IP_UDP_HEADER_BYTES):.0f}",
                          f"{(net['rx_bytes'] + net['tx_bytes']) / wall:.0f}",
                          f"{(net['rx_packets'] + net['tx_packets']) / wall:.1f}",
                          f"{_us(r['rtt_p50_ns'])} / {_us(r['rtt_p99_ns'])}",
@@ -489,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: no replay)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                         help="before each run, wait up to S seconds for the machine to be under 20%% busy")
+    parser.add_argument("--keyed", action="store_true", help="probes and answers carry the cluster's MAC "
+                        "(blake2b), as a cluster with keys sends them; without: the --insecure format")
     parser.add_argument("--json", action="store_true")
     # the processes inside the lab
     parser.add_argument("--role", choices=("server", "client", "hog"), help=argparse.SUPPRESS)
@@ -496,12 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
     parser.add_argument("--sample-ms", type=float, default=SAMPLE_MS, help=argparse.SUPPRESS)
     parser.add_argument("--busy-thread", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--clock-key", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    role_key = bytes.fromhex(args.clock_key) if args.clock_key else None
     if args.role == "client":
-        role_client(args.server, args.port, args.duration, args.sample_ms, args.busy_thread)
+        role_client(args.server, args.port, args.duration, args.sample_ms, args.busy_thread, role_key)
         return 0
     if args.role == "server":
-        role_server(args.server, args.port, args.duration, args.busy_thread)
+        role_server(args.server, args.port, args.duration, args.busy_thread, role_key)
         return 0
     if args.role == "hog":
         role_hog(args.duration)
@@ -513,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs root, iproute2 and unshare (util-linux) for the namespace lab and time namespaces")
     from throughput import code_version, machine, provenance
 
+    key = secrets.token_bytes(32) if args.keyed else None
     busy = c.begin_run()
     code = code_version()
     started = time.monotonic()
@@ -521,15 +535,16 @@ def main(argv: list[str] | None = None) -> int:
         c.log(f"lab of 3 hosts built in {lab.build_s:.1f} s")
         quiet(args.wait_quiet)
         c.log(f"quiet run: {args.duration:g} s ...")
-        phases.append(run_phase(lab, "quiet", args.duration, SAMPLE_MS))
+        phases.append(run_phase(lab, "quiet", args.duration, SAMPLE_MS, key=key))
         if not args.no_hog:
             quiet(args.wait_quiet)
             c.log(f"loaded run ({args.hog_procs} busy loops in host 1): {args.duration:g} s ...")
-            phases.append(run_phase(lab, f"{args.hog_procs} CPU hogs", args.duration, SAMPLE_MS, args.hog_procs))
+            phases.append(run_phase(lab, f"{args.hog_procs} CPU hogs", args.duration, SAMPLE_MS, args.hog_procs,
+                                    key=key))
         if args.busy_threads:
             quiet(args.wait_quiet)
             c.log(f"busy-thread run (GIL contention in every clock process): {args.duration:g} s ...")
-            phases.append(run_phase(lab, "busy threads", args.duration, SAMPLE_MS, busy_threads=True))
+            phases.append(run_phase(lab, "busy threads", args.duration, SAMPLE_MS, busy_threads=True, key=key))
     cleanup = f"lab torn down in {lab.teardown_s:.1f} s (namespaces deleted, none left in `ip netns list`)"
     c.log(cleanup)
     replays = {} if args.drift_ppm == 0 else {
@@ -542,11 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in phase.clients.values():
                 r.pop("recorded", None)  # the raw probes: large, and only the replay needs them
         print(json.dumps({"machine": info, "code": code, "busy_before_pct": busy, "elapsed_s": elapsed,
-                          "cleanup": cleanup, "phases": [asdict(p) for p in phases], "drift_ppm": args.drift_ppm,
-                          "replay": replays, "targets": targets(phases)}, indent=2))
+                          "keyed": args.keyed, "cleanup": cleanup, "phases": [asdict(p) for p in phases],
+                          "drift_ppm": args.drift_ppm, "replay": replays, "targets": targets(phases)}, indent=2))
         return 0
     print(provenance(info, busy, code))
-    print(render(phases, args.drift_ppm, replays))
+    print(render(phases, args.drift_ppm, replays, key is not None))
     print(cleanup)
     print(f"\n(total {elapsed:.0f} s)")
     return 0

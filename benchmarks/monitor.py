@@ -85,12 +85,14 @@ CONSUMERS = ("view_a1", "view_a2", "remote_a", "small_a", "view_b1", "view_b2", 
 POLLER = """
 import json, sys, time
 from cpcli.cluster.client import cluster_status
+from cpcli.cluster.locate import locate
 from cpcli.cluster.timing import ClusterTiming
 address, period = sys.argv[1], float(sys.argv[2])
 timing, next_t = ClusterTiming(), time.monotonic()
+credentials = locate(address, None, None, 1.0, required=True).credentials(None)  # the manager's keys on its host
 while True:
     try:
-        session = cluster_status(address, timing).get("session") or {}
+        session = cluster_status(address, timing, credentials).get("session") or {}
     except Exception as err:  # noqa: BLE001 - a benchmark helper: say it and go on
         print(json.dumps({"t": time.monotonic(), "error": str(err)}), flush=True)
         session = {}

@@ -6,6 +6,7 @@ Run as a plain script (not a pytest test):
     python benchmarks/throughput.py --quick      # 1.5 s per run, a smoke run
     python benchmarks/throughput.py --repeat 3   # interleaved repeats, medians (about 5 minutes)
     python benchmarks/throughput.py --json       # the results as JSON on stdout
+    sudo python benchmarks/throughput.py --security --duration 3 --repeat 3   # data encryption's cost (below)
 
 Every number comes from this one run. "Ours" is a real session (`run_session`: a supervisor in
 this process, one OS process per node), once with same-host shared memory (the default) and once
@@ -14,11 +15,21 @@ source and received by the sink, gaps, and capture->step latency. "Raw" is the l
 program can do with the same library: two spawned processes, PUB -> SUB over tcp://127.0.0.1,
 the same 8 frames cycled, the same high-water marks, a zero-copy multipart send and a
 `np.frombuffer` on receive.
+
+`--security` (as root) measures instead what a cluster session's data security costs between two
+machines: 1080p frames from a publisher in one network namespace to a subscriber in another
+(crosshost.py's lab and its two sides, unchanged but for the keys), at the maximum rate and at
+30 fps, four ways in the same run, interleaved: raw pyzmq; ours without keys (a session on one
+machine); ours with `encrypt_data: false` (PLAIN: members only, frames in the clear); ours with
+the default, Curve encryption. Every row is also given as a ratio against the raw pyzmq runs of
+the same repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -36,14 +47,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import numpy as np
 import zmq
+from zmq.utils import z85
 
 from cpcli.clock import Clock
 from cpcli.node import NodeContext
 from cpcli.recipe import load_recipe
 from cpcli.registry import load_registry
+from cpcli.runtime import security
 from cpcli.runtime.session import RunOptions, StopControl, run_session
+from cpcli.transport.curve import Credentials, DataSecurity
 from cpcli.transport.pubsub import DATA_HWM
 from nodes.synthetic import TestVideo
 
@@ -59,6 +74,9 @@ RAW_HEADER = struct.Struct("<QqHHB")  # seq, t_ns (monotonic), height, width, ch
 DRAIN_IDLE_S = 0.3  # after the publisher's last frame, this long without a message means drained
 TARGET_THROUGHPUT_RATIO = 0.8  # issue: >= 0.8x raw frames/s at 1080p
 TARGET_LATENCY_RATIO = 1.3  # issue: p50 within 1.3x raw at 30 fps 640x480
+SECURE_MODES = ("raw", "none", "plain", "curve")  # raw pyzmq; ours: no keys, encrypt_data false, encrypted
+SECURE_SIZE = "1080p"
+SECURE_LATENCY_DURATION_S = 3.0
 TRANSPORTS = ("shm", "tcp")  # ours with shared memory (same-host default) and without (TCP, as between machines)
 BUSY_WARN_PCT = 15.0  # CPU already busy above this before we start: other work skews every number
 
@@ -299,6 +317,153 @@ def run_raw(width: int, height: int, rate_hz: float, duration_s: float) -> Measu
                    p50_ms=sub_result["p50_ms"], p99_ms=sub_result["p99_ms"])
 
 
+# -- data security between two namespace hosts (--security) ----------------------------------------
+
+
+def security_role(args: argparse.Namespace) -> None:
+    """One side of a pair, inside its namespace: crosshost.py's code, with the keys from our environment.
+
+    The keys come the way a node process gets them (CP_DATA_SECURITY); crosshost.py's sides build
+    their Publisher and Subscriber themselves, so those are handed the keys here and nothing else
+    of the measured code differs between the rows.
+    """
+    import crosshost
+
+    from cpcli.transport import pubsub
+
+    sec = security.take(os.environ)
+    if sec is not None:
+        pubsub.Publisher = functools.partial(pubsub.Publisher, security=sec)  # type: ignore[misc]
+        pubsub.Subscriber = functools.partial(pubsub.Subscriber, security=sec)  # type: ignore[misc]
+    impl = "raw" if args.impl == "raw" else "ours"
+    if args.role == "pub":
+        w, h = (int(x) for x in args.size.split("x"))
+        crosshost.role_pub(impl, w, h, args.rate, args.duration)
+    else:
+        crosshost.role_sub(impl, args.endpoint, args.duration)
+
+
+def _security_for(mode: str, creds: Credentials) -> DataSecurity | None:
+    return None if mode in ("raw", "none") else DataSecurity(creds, mode == "curve", "bench")
+
+
+def run_secure_pair(ns_a: str, ns_b: str, mode: str, creds: Credentials, width: int, height: int, rate_hz: float,
+                    duration_s: float) -> Any:
+    """crosshost.run_pair with this script's sides, each given the mode's keys in its environment."""
+    import crosshost
+
+    env = dict(os.environ)
+    security.give(env, _security_for(mode, creds))
+    base = [sys.executable, os.path.abspath(__file__), "--impl", mode, "--role"]
+    procs: list[subprocess.Popen[bytes]] = []
+    limit_s = crosshost.HANDSHAKE_TIMEOUT_S + duration_s + crosshost.RUN_LIMIT_S
+    try:
+        pub = subprocess.Popen([*common.Netns.exec_prefix(ns_a), *base, "pub", "--size", f"{width}x{height}",
+                                "--rate", str(rate_hz), "--duration", str(duration_s)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
+        procs.append(pub)
+        pub_lines = crosshost.Lines(pub, f"{mode} publisher")
+        endpoint = pub_lines.json(crosshost.HANDSHAKE_TIMEOUT_S)["endpoint"]
+        sub = subprocess.Popen([*common.Netns.exec_prefix(ns_b), *base, "sub", "--endpoint", endpoint,
+                                "--duration", str(duration_s)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
+        procs.append(sub)
+        sub_lines = crosshost.Lines(sub, f"{mode} subscriber")
+        sub_lines.json(crosshost.HANDSHAKE_TIMEOUT_S)
+        pub_result = pub_lines.json(limit_s)
+        crosshost._send(sub.stdin, "finished")  # noqa: SLF001 - crosshost's own pipe protocol
+        sub_result = sub_lines.json(crosshost.RUN_LIMIT_S)
+        crosshost._send(pub.stdin, "done")  # noqa: SLF001
+        for proc in procs:
+            proc.wait(15)
+    finally:
+        alive = [p.pid for p in procs if p.poll() is None]
+        if alive:
+            common.log(f"benchmark processes {alive} still running: ending them")
+            common.end_processes(alive)
+        for proc in procs:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+    if not sub_result.get("ended"):
+        common.log(f"warning: {mode} subscriber did not drain before its deadline")
+    send_s = float(pub_result["send_s"])
+    return crosshost.Run(fps=sub_result["received"] / send_s, sent=pub_result["sent"],
+                         received=sub_result["received"], dropped=sub_result["dropped"], duration_s=send_s,
+                         p50_ms=sub_result["p50_ms"], p99_ms=sub_result["p99_ms"])
+
+
+def run_security(duration_s: float, repeat: int) -> dict[str, Any]:
+    """Every mode at max rate and at 30 fps, `repeat` times interleaved, in a namespace lab deleted on every exit."""
+    import crosshost
+
+    secret = z85.encode(os.urandom(32))  # throwaway keys: nothing is written to the config folder
+    creds = Credentials("bench", zmq.curve_public(secret), os.urandom(16))
+    w, h = SIZES[SECURE_SIZE]
+    runs: dict[str, dict[str, list[Any]]] = {}
+    loads: list[dict[str, Any]] = []
+    lab = common.Netns("s")
+    try:
+        ns_a, ns_b = lab.add("a"), lab.add("b")
+        lab.veth(ns_a, f"{crosshost.ADDR_A}/{crosshost.PREFIX_LEN}", ns_b, f"{crosshost.ADDR_B}/{crosshost.PREFIX_LEN}")
+        for rep in range(repeat):
+            for kind, rate_hz, seconds in (("max", 0.0, duration_s),
+                                           ("30fps", LATENCY_RATE_HZ, min(duration_s, SECURE_LATENCY_DURATION_S))):
+                load = common.Load().start()
+                for mode in SECURE_MODES if rep % 2 == 0 else SECURE_MODES[::-1]:
+                    common.log(f"[{rep + 1}/{repeat}] {SECURE_SIZE} {kind} {mode} ...")
+                    runs.setdefault(kind, {}).setdefault(mode, []).append(
+                        run_secure_pair(ns_a, ns_b, mode, creds, w, h, rate_hz, seconds))
+                loads.append({"phase": f"{kind}, repeat {rep + 1}", **load.stop()})
+    finally:
+        names = list(lab.names)
+        left = lab.close()
+        still = [n for n in common.netns_list() if n in names]
+        cleanup = (f"namespaces {', '.join(names)} deleted; `ip netns list` shows none of them"
+                   if not left and not still else f"ERROR: namespaces left behind: {left or still}")
+        common.log(cleanup)
+    return {"runs": runs, "loads": loads, "cleanup": cleanup, "duration_s": duration_s, "repeat": repeat}
+
+
+def security_ratios(result: dict[str, Any], kind: str, mode: str) -> list[float]:
+    """Per repeat: this mode's frames/s over raw pyzmq's in the same repeat."""
+    runs = result["runs"].get(kind, {})
+    return [common.ratio(o.fps, r.fps) for o, r in zip(runs.get(mode, []), runs.get("raw", []), strict=False)]
+
+
+def render_security(result: dict[str, Any]) -> str:
+    from crosshost import ADDR_A, ADDR_B
+
+    w, h = SIZES[SECURE_SIZE]
+    names = {"raw": "raw pyzmq", "none": "ours, no keys", "plain": "ours, encrypt_data: false (PLAIN)",
+             "curve": "ours, encrypted (Curve, default)"}
+    head = ["case", "impl", "fps", "range", "MB/s", "x raw", "x raw range", "loss %", "p50/p99 ms"]
+    rows = []
+    for kind in ("max", "30fps"):
+        for mode in SECURE_MODES:
+            rs = result["runs"].get(kind, {}).get(mode, [])
+            if not rs:
+                continue
+            fps = common.median(r.fps for r in rs)
+            ratios = security_ratios(result, kind, mode)
+            loss = common.median(100.0 * (r.sent - r.received) / r.sent if r.sent else 0.0 for r in rs)
+            p50, p99 = (common.median(getattr(r, a) for r in rs) for a in ("p50_ms", "p99_ms"))
+            rows.append([f"{SECURE_SIZE} {'max rate' if kind == 'max' else f'@{LATENCY_RATE_HZ:g} fps'}",
+                         names[mode], f"{fps:.1f}", common.spread([r.fps for r in rs], "{:.0f}"),
+                         f"{fps * w * h * 3 / 1e6:.0f}", f"{common.median(ratios):.2f}",
+                         common.spread(ratios, "{:.2f}"), f"{loss:.1f}", f"{p50:.2f} / {p99:.2f}"])
+    out = [f"{ADDR_A} (namespace A, publisher) -> {ADDR_B} (namespace B, subscriber) over a veth pair; "
+           f"{result['duration_s']:g} s per max-rate run, medians of {result['repeat']} interleaved repeats "
+           f"(range = min-max); x raw = frames/s over raw pyzmq's in the same repeat; loss = (sent - received) / sent",
+           "", common.table(head, rows), ""]
+    out += [common.describe_load(load["phase"], load) for load in result["loads"]]
+    curve, plain = (common.median(security_ratios(result, "max", m)) for m in ("curve", "plain"))
+    out += ["", f"1080p across hosts, max rate: encryption on {curve:.2f}x raw pyzmq, off (PLAIN) {plain:.2f}x raw; "
+                f"encryption keeps {common.ratio(curve, plain):.2f} of the unencrypted frames/s", result["cleanup"]]
+    return "\n".join(out)
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -475,7 +640,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case, interleaved; medians are shown")
     parser.add_argument("--only", choices=("throughput", "latency"), help="run only these cases")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--security", action="store_true", help="as root: 1080p between two network namespaces, "
+                        "data encryption on vs off vs raw pyzmq (instead of the cases above)")
+    # one side of a --security pair, run by the parent inside a namespace
+    parser.add_argument("--role", choices=("pub", "sub"), help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=SECURE_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role is not None:
+        security_role(args)
+        return 0
     duration_s = QUICK_DURATION_S if args.quick else args.duration
     if not 0 < duration_s <= 120:
         parser.error("--duration must be in (0, 120] seconds")
@@ -486,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.security:
+        return main_security(args, duration_s)
     busy = background_busy()
     if busy > BUSY_WARN_PCT:
         log(f"warning: the machine is {busy:.0f}% busy before we start: results will be noisy")
@@ -505,6 +683,32 @@ def main(argv: list[str] | None = None) -> int:
         print(provenance(info, busy, code))
         print(render(cases, duration_s, args.repeat))
         print(f"\n(total {elapsed:.0f} s)")
+    return 0
+
+
+def main_security(args: argparse.Namespace, duration_s: float) -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("--security needs root to create network namespaces (ip netns add)")
+    busy = common.begin_run(BUSY_WARN_PCT)
+    code = code_version()
+    started = time.monotonic()
+    total = common.Load().start()
+    result = run_security(duration_s, args.repeat)
+    whole = total.stop()
+    code["changed_during_run"] = code_version()["sources_sha256"] != code["sources_sha256"]
+    if args.json:
+        print(json.dumps({"machine": machine(), "code": code, "busy_before_pct": busy, "load": whole,
+                          "elapsed_s": time.monotonic() - started, "cleanup": result["cleanup"],
+                          "runs": {k: {m: [asdict(r) for r in rs] for m, rs in v.items()}
+                                   for k, v in result["runs"].items()},
+                          "x_raw": {k: {m: security_ratios(result, k, m) for m in v}
+                                    for k, v in result["runs"].items()},
+                          "loads": result["loads"]}, indent=2))
+        return 0
+    print(provenance(machine(), busy, code))
+    print(render_security(result))
+    print(common.describe_load("whole run", whole))
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0
 
 

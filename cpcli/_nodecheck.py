@@ -69,6 +69,25 @@ def _takes_any_keyword(cls: type) -> bool:
         return False
 
 
+def param_problems(node_type: NodeType, params: dict[str, Any]) -> list[str]:
+    """What is wrong with params that came over the network: unknown names, wrong types, missing ones.
+
+    A worker checks these before a node process starts (the sender's own recipe check cannot be
+    trusted); the node's constructor is not called here, its process does that.
+    """
+    specs = {spec.name: spec for spec in node_type.params}
+    problems = []
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None and not _takes_any_keyword(node_type.cls):
+            problems.append(f"unknown param {name[:40]!r} for {node_type.name}")
+        elif spec is not None and not check_value(value, spec.annotation):
+            problems.append(f"param {name!r} of {node_type.name} must be {spec.type_name}, got {show(value)}")
+    problems.extend(f"missing required param {spec.name!r} for {node_type.name}" for spec in node_type.params
+                    if spec.required and spec.name not in params)
+    return problems
+
+
 def check_params(draft: Draft, problems: Problems) -> None:
     """Check a node's params against its type's signature; if they fit, let the node check them."""
     node_type = draft.node_type

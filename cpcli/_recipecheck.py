@@ -26,7 +26,7 @@ SYNC_POLICIES = ("latest", "all", "aligned")
 DEFAULT_TOLERANCE_MS = 20.0  # one frame period at 50 fps: samples this close show the same moment
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # the name is part of the session folder name
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]*")  # ids become archive folder names and `<id>/<port>` topics
-TOP_KEYS = ("name", "description", "on_worker_lost", "nodes")
+TOP_KEYS = ("name", "description", "on_worker_lost", "encrypt_data", "nodes")
 ON_WORKER_LOST = ("continue", "stop")  # a cluster session whose worker is lost: go on without it, or end
 NODE_KEYS = ("type", "worker", "params", "record", "inputs", "sync", "tolerance_ms")
 _BAD: Any = object()  # a value that could not be read; its problem is already recorded
@@ -69,6 +69,7 @@ class Checker:
         self.name = ""
         self.description = ""
         self.on_worker_lost = "continue"
+        self.encrypt_data = True  # node data between machines encrypted unless the recipe opts out
         self.drafts: list[Draft] = []
         self.edges: list[tuple[str, str, str, str]] = []  # (source, port, target, key)
 
@@ -110,6 +111,12 @@ class Checker:
             elif policy is not _BAD:
                 self.add(line_of(given["on_worker_lost"][1]),
                          f"on_worker_lost must be {' or '.join(ON_WORKER_LOST)}, got {show(policy)}")
+        if "encrypt_data" in given:
+            encrypt = self.value(given["encrypt_data"][1])
+            if isinstance(encrypt, bool):
+                self.encrypt_data = encrypt
+            elif encrypt is not _BAD:
+                self.add(line_of(given["encrypt_data"][1]), f"encrypt_data must be true or false, got {show(encrypt)}")
         if "description" in given:
             description = self.value(given["description"][1])
             if isinstance(description, str) or description is None:

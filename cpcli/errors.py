@@ -53,3 +53,7 @@ class ClockError(CpError):
 
 class ArchiveError(CpError):
     """A recording or session folder that cannot be written or read."""
+
+
+class AccessError(CpError):
+    """This machine is not (or no longer) a member of the cluster: no token, a bad one, or one refused."""

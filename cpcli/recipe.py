@@ -81,6 +81,7 @@ class Recipe:
     source: str = "<recipe>"
     text: str = ""
     on_worker_lost: str = "continue"  # a cluster session whose worker is lost: "continue" or "stop"
+    encrypt_data: bool = True  # node data between machines: Curve-encrypted, or (False) members only, in the clear
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id.
@@ -112,7 +113,8 @@ def _recipe(checker: Checker, text: str, source: str) -> Recipe:
         for d in checker.drafts
     )
     edges = tuple(Edge(*edge) for edge in checker.edges)
-    return Recipe(checker.name, checker.description, specs, edges, source, text, checker.on_worker_lost)
+    return Recipe(checker.name, checker.description, specs, edges, source, text, checker.on_worker_lost,
+                  checker.encrypt_data)
 
 
 def parse_recipe(text: str, registry: Registry, source: str = "<recipe>") -> Recipe:

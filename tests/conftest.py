@@ -25,7 +25,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in _paths if p)  # node proce
 # `cp manager` notes itself in the runtime folder so `cp run` on its machine finds it; the tests get a
 # folder of their own, so a manager a developer runs on this machine never takes over their `cp run`.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cpcli-tests-run-")
-for _name in ("CP_MANAGER", "CP_INTERFACE", "CP_CLUSTER_TIMING"):
+# Cluster keys the tests make go to a folder of their own too, never into the developer's ~/.config.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="cpcli-tests-config-")
+for _name in ("CP_MANAGER", "CP_INTERFACE", "CP_CLUSTER_TIMING", "CP_TOKEN"):
     os.environ.pop(_name, None)
 
 SHM_DIR = Path("/dev/shm")

@@ -145,10 +145,10 @@ class Lab:
         """Start `python -c code *args` (this interpreter) inside host `host`'s namespace."""
         return self.run(host, [sys.executable, "-c", code, *args], **popen_kwargs)
 
-    def call_python(self, host: int, code: str, args: Sequence[str] = (), *, timeout_s: float
-                    ) -> subprocess.CompletedProcess[str]:
+    def call_python(self, host: int, code: str, args: Sequence[str] = (), *, timeout_s: float,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run `python -c code *args` in host `host` to its end (killed after timeout_s), capturing its output."""
-        proc = self.python(host, code, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = self.python(host, code, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -37,8 +37,11 @@ RUN_STOP_TIMEOUT_S = 60.0  # Ctrl-C to the end of cp run: drain, close files, th
 # Sent to the manager's control port from another machine. Prints, as JSON, what the manager answered
 # to the messages that deserve an answer; everything else must be dropped without one.
 MANAGER_GARBAGE = r"""
-import json, random, socket, sys, time
+import json, os, random, socket, sys, time
 import msgpack, zmq
+from cpcli.cluster.keys import parse_token
+
+member = parse_token(os.environ["CP_TOKEN"])  # the zmq garbage comes from a member: past the gatekeeper
 
 host, port, version = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(20261125)
@@ -77,6 +80,7 @@ context = zmq.Context()
 def dealer():
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 3000)  # close() below waits for the message to leave
+    member.connect_to(sock, manager=True)
     sock.connect(f"tcp://{host}:{port}")
     return sock
 
@@ -168,8 +172,11 @@ print(json.dumps(out, default=repr))
 # and a SUB subscribed to everything that never reads. MODE "unsubscribe": only unsubscriptions of the
 # session's topics that this peer never subscribed to, framed as ZMTP/1.0 over plain TCP.
 DATA_GARBAGE = r"""
-import random, socket, sys, time
+import os, random, socket, sys, time
 import zmq
+from cpcli.cluster.keys import parse_token
+
+member = parse_token(os.environ["CP_TOKEN"]) if os.environ.get("CP_TOKEN") else None  # zmq sockets as a member
 
 host, ports, hold_s, mode = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3]), sys.argv[4]
 rng = random.Random(7)
@@ -180,6 +187,8 @@ def connect(kind, port):
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 1)
+    if member is not None:
+        member.connect_to(sock)
     sock.connect(f"tcp://{host}:{port}")
     held.append(sock)
     return sock
@@ -340,9 +349,16 @@ def _sessions(data: Path) -> list[str]:
 # -- garbage ---------------------------------------------------------------------------------------
 
 
-def _fire_at_manager(lab: Lab) -> dict[str, Any]:
-    sent = lab.call_python(2, MANAGER_GARBAGE, [lab.ip(1), str(PORT), str(PROTOCOL_VERSION)],
-                           timeout_s=SCRIPT_TIMEOUT_S)
+def _fire_at_manager(lab: Lab, token: str) -> dict[str, Any]:
+    proc = lab.python(2, MANAGER_GARBAGE, [lab.ip(1), str(PORT), str(PROTOCOL_VERSION)], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True, env=dict(os.environ, CP_TOKEN=token))
+    try:
+        out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=5)
+        raise AssertionError(f"the garbage script did not finish:\n{out}\n{err}") from None
+    sent = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert sent.returncode == 0, sent.stderr
     replies: dict[str, Any] = json.loads(sent.stdout)
     # the messages that deserve an answer got the right one
@@ -364,7 +380,7 @@ def test_manager_drops_garbage_on_its_control_port_and_keeps_working(lab: Lab, t
     cluster = ClusterLab(lab, tmp_path)
     manager = cluster.manager(1, "m1")
     address = f"{lab.ip(1)}:{PORT}"
-    idle = _fire_at_manager(lab)
+    idle = _fire_at_manager(lab, cluster.token())
     assert idle["mark"]["command"] == "REFUSED" and idle["mark"]["message"] == "no session is recording on this cluster"
     # the manager lives, said what it dropped and from where, and still answers cp status
     assert manager.popen.poll() is None, manager.text()
@@ -383,7 +399,7 @@ def test_manager_drops_garbage_on_its_control_port_and_keeps_working(lab: Lab, t
     # a recipe runs to completion afterwards, even with the same garbage arriving while it records
     run = _start_run(cluster, cluster.recipe(AFTER_GARBAGE), address)
     manager.wait_for(": recording", 30)
-    during = _fire_at_manager(lab)
+    during = _fire_at_manager(lab, cluster.token())
     time.sleep(1.0)  # a last second of frames after the garbage
     result = _stop_run(run)
     assert result["manifest_status"] == "complete", result
@@ -412,7 +428,10 @@ def _session_under_fire(lab: Lab, tmp_path: Path, mode: str) -> tuple[dict[str, 
     loopback = sorted(p for a, p in listening if a == "127.0.0.1")
     assert len(publishers) == 2, listening  # cam and near
     fired = lab.call_python(1, DATA_GARBAGE, [lab.ip(2), ",".join(map(str, publishers)), "1.0", mode],
-                            timeout_s=SCRIPT_TIMEOUT_S)
+                            timeout_s=SCRIPT_TIMEOUT_S)  # a stranger's
+    assert fired.stdout.strip() == "sent", fired.stderr
+    fired = lab.call_python(1, DATA_GARBAGE, [lab.ip(2), ",".join(map(str, publishers)), "1.0", mode],
+                            timeout_s=SCRIPT_TIMEOUT_S, env=dict(os.environ, CP_TOKEN=cluster.token()))  # a member's
     assert fired.stdout.strip() == "sent", fired.stderr
     if mode == "junk":
         fired = lab.call_python(2, DATA_GARBAGE, ["127.0.0.1", ",".join(map(str, loopback)), "0.5", mode],
@@ -464,6 +483,7 @@ def test_two_clusters_on_one_lan_do_not_mix(lab: Lab, tmp_path: Path) -> None:
     for manager in (lab_a, lab_b):
         manager.wait_for("listening on", 20)
     w3 = cluster.worker(3, "w3", "--cluster", "lab-b", wait=False)
+    cluster.make_keys("default")  # w4 holds the keys of cluster default, whose manager starts later
     w4 = cluster.worker(4, "w4", wait=False)
     # a worker of lab-b, with no address given, joins lab-b's manager and says so
     w3.wait_for("joined manager", 20)
@@ -476,8 +496,8 @@ def test_two_clusters_on_one_lan_do_not_mix(lab: Lab, tmp_path: Path) -> None:
     assert "no cpcli manager of cluster default found on 198.18.0.4" in waiting, waiting
     assert "ma of cluster lab-a at 198.18.0.1:7425" in waiting and "mb of cluster lab-b at 198.18.0.2:7425" in waiting
     assert "pass --cluster NAME" in waiting
-    a = cluster.status(3, f"{lab.ip(1)}:{PORT}")
-    b = cluster.status(3, f"{lab.ip(2)}:{PORT}")
+    a = cluster.status(3, f"{lab.ip(1)}:{PORT}", "lab-a")
+    b = cluster.status(3, f"{lab.ip(2)}:{PORT}", "lab-b")
     assert a["manager"]["cluster"] == "lab-a" and {w["name"] for w in a["workers"]} == {"ma"}
     assert b["manager"]["cluster"] == "lab-b" and {w["name"] for w in b["workers"]} == {"mb", "w3"}
     # cp status over mDNS: asked for one cluster, shows that one; asked for none among two, asks which
@@ -490,7 +510,7 @@ def test_two_clusters_on_one_lan_do_not_mix(lab: Lab, tmp_path: Path) -> None:
     # once a manager of cluster default appears, the waiting worker joins it
     cluster.manager(5, "md")
     w4.wait_for("joined manager md of cluster default at 198.18.0.5:7425 as worker w4", 20)
-    assert {w["name"] for w in cluster.status(3, f"{lab.ip(1)}:{PORT}")["workers"]} == {"ma"}
+    assert {w["name"] for w in cluster.status(3, f"{lab.ip(1)}:{PORT}", "lab-a")["workers"]} == {"ma"}
 
 
 # -- names and placement ---------------------------------------------------------------------------
@@ -521,6 +541,7 @@ def test_placement_errors_stop_a_run_before_anything_starts(lab: Lab, tmp_path: 
     # w2's machine lacks the test plugin: `counter` is installed on the manager's machine only
     (tmp_path / "bare").mkdir()
     bare = ClusterLab(lab, tmp_path / "bare")
+    bare.env["XDG_CONFIG_HOME"] = cluster.env["XDG_CONFIG_HOME"]  # another machine of the same cluster
     bare.env["PYTHONPATH"] = os.pathsep.join(
         p for p in bare.env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != PLUGIN_DIR)
     worker = bare.worker(2, "w2", "--manager", address)
@@ -569,6 +590,7 @@ def test_bad_command_lines_say_what_and_where_in_one_line(lab: Lab, tmp_path: Pa
     assert line == (f"error: cannot listen on 198.18.0.1:{PORT} (Address already in use); another manager runs "
                     "here? pick another --port"), line
 
+    cluster.make_keys()  # a member machine, whose manager is not there
     started = time.monotonic()
     line = _error_line(cluster.cp(1, "status", "--manager", "127.0.0.1:1", timeout_s=20))
     assert time.monotonic() - started < 2.0 + 5.0  # the answer timeout, plus interpreter start

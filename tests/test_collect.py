@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import zmq
 
+from cpcli.cluster import keys
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, ArchiveServer
 from cpcli.cluster.collect import PartReport, pull_part
 from cpcli.cluster.transfer import ArchiveLink, Refused
+from cpcli.transport.curve import Credentials
 from cpcli.transport.protocol import PROTOCOL_VERSION
 from tests.cluster import PORT, ClusterLab, Proc
 from tests.lab import Lab, lab
@@ -212,7 +214,16 @@ def test_collect_killed_mid_file_resumes_with_little_transferred_twice(lab: Lab,
     assert _sha(target) == _sha(big)
 
 
-def test_archive_server_refuses_paths_outside_the_session_and_survives_garbage(tmp_path: Path) -> None:
+def _member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Credentials:
+    """A member's credentials of a cluster whose keys live under tmp_path."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    creds = keys.manager_keys("lab", create=True)
+    assert creds is not None
+    return keys.parse_token(keys.encode_token(creds))
+
+
+def test_archive_server_refuses_paths_outside_the_session_and_survives_garbage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
     part = data / "s1" / "w9" / "cam"
     part.mkdir(parents=True)
@@ -221,14 +232,16 @@ def test_archive_server_refuses_paths_outside_the_session_and_survives_garbage(t
     (part / "link.csv").symlink_to(tmp_path / "secret.txt")
     (data / "s1" / "w9" / "worker.json").write_text(json.dumps({"worker": "w9", "phase": "finished", "nodes": {
         "cam": {"files": [{"path": "../escape", "kind": "x", "bytes": 1, "sha256": "0"}]}}, "files": []}))
+    member = _member(tmp_path, monkeypatch)
     context: zmq.Context[Any] = zmq.Context()
-    with ArchiveServer(data, "127.0.0.1", "w9", logging.getLogger("test")) as server:
-        junk = context.socket(zmq.DEALER)
+    with ArchiveServer(data, "127.0.0.1", "w9", logging.getLogger("test"), lambda: member) as server:
+        junk = context.socket(zmq.DEALER)  # a member's socket sending garbage
         junk.setsockopt(zmq.LINGER, 0)
+        member.connect_to(junk)
         junk.connect(server.address)
         junk.send_multipart([b"FETCH", b"\xc1not msgpack"])
         junk.send_multipart([b"garbage"])
-        link = ArchiveLink(context, server.address, 3.0)
+        link = ArchiveLink(context, server.address, 3.0, member)
         try:
             for bad in ("../../secret.txt", "/etc/passwd", "w9/cam/link.csv", "w9/../../secret.txt",
                         "other/cam/x.csv"):
@@ -255,7 +268,8 @@ def test_archive_server_refuses_paths_outside_the_session_and_survives_garbage(t
     assert server.served_bytes == len(b"t_ns\n0,0\n")
 
 
-def test_a_part_listing_paths_outside_the_folder_is_refused_and_the_rest_collected(tmp_path: Path) -> None:
+def test_a_part_listing_paths_outside_the_folder_is_refused_and_the_rest_collected(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, out = tmp_path / "data", tmp_path / "out" / "s1"
     (data / "s1" / "w9" / "cam").mkdir(parents=True)
     good = data / "s1" / "w9" / "cam" / "video.timestamps.csv"
@@ -264,9 +278,10 @@ def test_a_part_listing_paths_outside_the_folder_is_refused_and_the_rest_collect
              "sha256": _sha(good)}
     evil = [{"path": p, "kind": "x", "bytes": 1, "sha256": "0"} for p in ("../escape", "/tmp/abs", "w9/../../up")]
     (data / "s1" / "w9" / "worker.json").write_text(json.dumps({"nodes": {"cam": {"files": [entry, *evil]}}}))
+    member = _member(tmp_path, monkeypatch)
     context: zmq.Context[Any] = zmq.Context()
-    with ArchiveServer(data, "127.0.0.1", "w9") as server:
-        link = ArchiveLink(context, server.address, 3.0)
+    with ArchiveServer(data, "127.0.0.1", "w9", None, lambda: member) as server:
+        link = ArchiveLink(context, server.address, 3.0, member)
         try:
             reply = link.request(m.PART, {"session": "s1"}, m.PART_REPLY)
             part = PartReport("w9", server.address, files=reply["files"])

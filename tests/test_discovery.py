@@ -116,7 +116,8 @@ def error_of(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def advert_of(lab: Lab, host: int, cluster: str = "lab-a", name: str = "m1") -> dict[str, Any]:
-    return {"cluster": cluster, "name": name, "host": lab.ip(host), "port": 5555, "protocol": PROTOCOL_VERSION}
+    return {"cluster": cluster, "name": name, "host": lab.ip(host), "port": 5555, "protocol": PROTOCOL_VERSION,
+            "key": ""}
 
 
 # The lab itself

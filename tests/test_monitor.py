@@ -15,8 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
+from zmq.utils import z85
 
 from cpcli.cli.monitor_live import parse_keys
+from cpcli.cluster import keys
+from cpcli.transport.curve import Credentials
 from tests.cluster import PORT, ClusterLab
 from tests.conftest import cp
 from tests.lab import Lab, lab
@@ -194,16 +198,22 @@ def test_manager_gone_and_back_then_ctrl_c_restores_the_terminal(lab: Lab, tmp_p
     assert Path(f"{out}.stty-after").read_text() == Path(f"{out}.stty-before").read_text()  # cbreak undone
 
 
+def _member_token() -> str:
+    """The token of some cluster: this machine is a member, only its manager is missing."""
+    secret = z85.encode(os.urandom(32))
+    return keys.encode_token(Credentials("default", zmq.curve_public(secret), os.urandom(keys.SECRET_BYTES)))
+
+
 def test_no_manager_is_one_line_and_exit_1(tmp_path: Path) -> None:
     done = cp("monitor", "--manager", "127.0.0.1:9", cwd=tmp_path,
-              env=dict(os.environ, CP_CLUSTER_TIMING='{"answer_timeout_s": 0.5}'))
+              env=dict(os.environ, CP_CLUSTER_TIMING='{"answer_timeout_s": 0.5}', CP_TOKEN=_member_token()))
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the manager at 127.0.0.1:9" in lines[0]
 
 
 def test_wait_keeps_looking_for_a_manager(tmp_path: Path) -> None:
-    env = dict(os.environ, CP_CLUSTER_TIMING='{"answer_timeout_s": 0.3}')
+    env = dict(os.environ, CP_CLUSTER_TIMING='{"answer_timeout_s": 0.3}', CP_TOKEN=_member_token())
     proc = subprocess.Popen([sys.executable, "-m", "cpcli", "monitor", "--manager", "127.0.0.1:9", "--wait"],
                             cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -333,7 +333,7 @@ def test_nodes_as_a_list_gets_a_hint(registry: Registry) -> None:
 def test_unknown_top_level_key_suggests_the_closest(registry: Registry) -> None:
     problems = problems_of("name: r\nnode:\n  a: {type: test_video}\n", registry)
     assert ("demo.yaml:2: unknown key 'node'; did you mean 'nodes'? "
-            "(allowed: name, description, on_worker_lost, nodes)") in problems
+            "(allowed: name, description, on_worker_lost, encrypt_data, nodes)") in problems
 
 
 @pytest.mark.parametrize("name", ["my study", "../escape", "-dash-first", "a/b"])

@@ -8,7 +8,7 @@ import traceback
 
 # Our subcommands, with how many positional arguments each takes: anything else goes to coreutils.
 SUBCOMMANDS = {"run": 1, "validate": 1, "nodes": 0, "inspect": 1, "devices": 0, "manager": 0, "worker": 0,
-               "status": 0, "mark": 1, "monitor": 0, "collect": 1}
+               "status": 0, "mark": 1, "monitor": 0, "collect": 1, "token": 0}
 RECIPE_COMMANDS = frozenset({"run", "validate"})  # their positional argument is a .yaml recipe
 SESSION_COMMANDS = frozenset({"inspect"})  # their positional argument is a session folder
 SESSION_FILE_ENDINGS = (".csv", ".jsonl", ".mp4", ".wav", "node.json")  # what <worker>/<node>/ of a session holds

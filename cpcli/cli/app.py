@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cpcli import __version__
-from cpcli.cli import cluster, collect, devices, inspect, mark, monitor, nodes, run
+from cpcli.cli import cluster, collect, devices, inspect, mark, monitor, nodes, run, token
 from cpcli.cli.output import out_console
 
 app = typer.Typer(
@@ -44,3 +44,4 @@ app.command("status")(cluster.status_command)
 app.command("mark")(mark.mark_command)
 app.command("monitor")(monitor.monitor_command)
 app.command("collect")(collect.collect_command)
+app.command("token")(token.token_command)

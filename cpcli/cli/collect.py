@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cpcli.cli.cluster import timing_from_env
+from cpcli.cli.cluster import timing_from_env, token_option
 from cpcli.cli.output import err_console, out_console
 from cpcli.cluster.collect import Collector, CollectResult
 from cpcli.cluster.locate import locate
@@ -33,12 +33,15 @@ def collect_command(
     manager: str = typer.Option(None, "--manager", help="HOST:PORT of the manager (default: find it)."),
     interface: str = typer.Option(None, "--interface", help="IPv4 address to search for the manager on."),
     cluster: str = typer.Option(None, "--cluster", help="The cluster, when several managers answer."),
+    token: str = token_option(),
 ) -> int:
     """Gather a session from every worker into DIR/<session>/, checking every file's sha256; resumable."""
     timing = timing_from_env()
-    address = locate(manager, interface, cluster, timing.discovery_s, required=True)
-    assert address is not None
-    with _Bars(enabled=not as_json) as bars, Collector(address, out, timing, only, bars.update) as collector:
+    ref = locate(manager, interface, cluster, timing.discovery_s, required=True)
+    assert ref is not None
+    credentials = ref.credentials(token)
+    with _Bars(enabled=not as_json) as bars, Collector(ref.address, out, timing, only, bars.update,
+                                                       credentials) as collector:
         if listing:
             sessions = collector.sessions()
             if as_json:

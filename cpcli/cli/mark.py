@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from cpcli.cli.cluster import timing_from_env
+from cpcli.cli.cluster import timing_from_env, token_option
 from cpcli.cli.output import out_console
 from cpcli.cluster.client import send_mark
 from cpcli.cluster.locate import locate
@@ -39,15 +39,16 @@ def mark_command(
     interface: str = typer.Option(None, "--interface", help="IPv4 address to search for the manager on."),
     cluster: str = typer.Option(None, "--cluster", help="The cluster, when several managers answer."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
+    token: str = token_option(),
 ) -> int:
     """Put LABEL into the running session's events.jsonl at the time of the call."""
     if not label.strip():
         raise CpError("the mark's LABEL is empty", hint="give it a word, e.g. cp mark stimulus_on")
     fields = _meta(meta)
     timing = timing_from_env()
-    address = locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
-    if address is not None:
-        done = send_mark(address, label, fields, timing)
+    ref = locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
+    if ref is not None:
+        done = send_mark(ref.address, label, fields, timing, ref.credentials(token))
         session, t_ns = str(done["session"]), int(done["t_ns"])
     else:
         here = marks.running()

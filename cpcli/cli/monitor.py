@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cpcli.cli.cluster import say, timing_from_env
+from cpcli.cli.cluster import say, timing_from_env, token_option
 from cpcli.cli.monitor_live import Monitor, find_manager, stdin_fd
 from cpcli.cli.output import out_console
 from cpcli.monitor.state import TypeInfo
@@ -17,6 +17,7 @@ def monitor_command(
     cluster: str = typer.Option(None, "--cluster", help="The cluster to watch, when several managers answer."),
     refresh_hz: float = typer.Option(4.0, "--refresh-hz", min=2.0, max=10.0, help="Screen updates a second (2-10)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for a manager to appear instead of exiting."),
+    token: str = token_option(),
 ) -> int:
     """Watch the cluster live: workers, nodes (rates, drops, latency, recording), previews and events.
 
@@ -24,7 +25,7 @@ def monitor_command(
     arrows or tab select a node to show its preview larger.
     """
     timing = timing_from_env()
-    address, first = find_manager(manager, interface, cluster, timing, wait, say)
+    address, credentials, first = find_manager(manager, interface, cluster, timing, wait, say, token)
     types = {name: TypeInfo(t.outputs, {p.name: p.default for p in t.params if not p.required})
              for name, t in load_registry().types.items()}
-    return Monitor(address, timing, types, refresh_hz, out_console, first, stdin_fd()).run()
+    return Monitor(address, timing, types, refresh_hz, out_console, credentials, first, stdin_fd()).run()

@@ -30,11 +30,12 @@ from rich.live import Live
 from cpcli.cluster.client import cluster_status, send_mark
 from cpcli.cluster.locate import locate
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.errors import CpError
+from cpcli.errors import AccessError, CpError
 from cpcli.monitor.feed import PreviewFeed
 from cpcli.monitor.state import TypeInfo, UiState
 from cpcli.monitor.tracker import Tracker
 from cpcli.monitor.view import MonitorView, plain_view
+from cpcli.transport.curve import Credentials, DataSecurity
 
 ANSWER_TIMEOUT_S = 2.0  # a status request unanswered this long: the manager is unreachable (retried at once)
 MESSAGE_S = 6.0  # how long a line like "marked stimulus_on" stays at the bottom
@@ -60,8 +61,8 @@ class MarkReply:
 class StatusPoller:
     """Asks the manager for its status every `interval_s` and sends marks, in a thread of its own."""
 
-    def __init__(self, address: str, timing: ClusterTiming, interval_s: float) -> None:
-        self.address, self.interval_s = address, interval_s
+    def __init__(self, address: str, timing: ClusterTiming, interval_s: float, credentials: Credentials) -> None:
+        self.address, self.interval_s, self.credentials = address, interval_s, credentials
         self.timing = replace(timing, answer_timeout_s=min(timing.answer_timeout_s, ANSWER_TIMEOUT_S))
         self.replies: queue.Queue[StatusReply | MarkReply] = queue.Queue()
         self._marks: queue.Queue[str] = queue.Queue()
@@ -99,7 +100,7 @@ class StatusPoller:
 
     def _ask(self) -> StatusReply:
         try:
-            return StatusReply(cluster_status(self.address, self.timing), None, time.monotonic())
+            return StatusReply(cluster_status(self.address, self.timing, self.credentials), None, time.monotonic())
         except CpError as err:
             return StatusReply(None, err.message, time.monotonic())
         except Exception as err:  # noqa: BLE001 - this thread's boundary: the screen shows it, never a traceback
@@ -107,7 +108,7 @@ class StatusPoller:
 
     def _send_mark(self, label: str) -> MarkReply:
         try:
-            done = send_mark(self.address, label, {}, self.timing)
+            done = send_mark(self.address, label, {}, self.timing, self.credentials)
             return MarkReply(label, f"marked {label} at {int(done['t_ns']) / 1e9:.3f} s", True)
         except CpError as err:
             return MarkReply(label, f"mark {label} not sent: {err.message}", False)
@@ -197,12 +198,14 @@ class Monitor:
     """One `cp monitor` session on the terminal; `run()` returns the exit code."""
 
     def __init__(self, address: str, timing: ClusterTiming, types: dict[str, TypeInfo], refresh_hz: float,
-                 console: Console, first: dict[str, Any] | None = None, stdin_fd: int | None = None) -> None:
+                 console: Console, credentials: Credentials, first: dict[str, Any] | None = None,
+                 stdin_fd: int | None = None) -> None:
         self.console, self.refresh_hz = console, refresh_hz
         self.tracker = Tracker(types)
         if first is not None:
             self.tracker.update(first, time.monotonic())
-        self.poller = StatusPoller(address, timing, max(0.25, 1.0 / refresh_hz))
+        self.poller = StatusPoller(address, timing, max(0.25, 1.0 / refresh_hz), credentials)
+        self.credentials = credentials
         self.feed = PreviewFeed()
         self.ui = _Ui()
         self._stdin = stdin_fd
@@ -282,6 +285,10 @@ class Monitor:
                 self.ui.say(reply.text, not reply.ok, now)
             elif reply.status is not None:
                 self.tracker.update(reply.status, reply.at)
+                session = reply.status.get("session")
+                if isinstance(session, dict) and session.get("name"):  # previews need the session's data keys
+                    self.feed.secure(DataSecurity(self.credentials, bool(session.get("encrypt_data", True)),
+                                                  str(session["name"])))
                 self._watch()
             else:
                 self.tracker.unreachable(reply.error or "no answer", reply.at)
@@ -346,20 +353,22 @@ def _interrupt_between_requests() -> Iterator[list[bool]]:
 
 
 def find_manager(manager: str | None, interface: str | None, cluster: str | None, timing: ClusterTiming,
-                 wait: bool, say: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
-    """The manager's address and its first status; with `wait`, keep looking until one answers."""
+                 wait: bool, say: Callable[[str], None], token: str | None = None
+                 ) -> tuple[str, Credentials, dict[str, Any]]:
+    """The manager's address, the keys to talk to it and its first status; with `wait`, look until one answers."""
     said_at = -WAIT_SAY_S
     quick = replace(timing, answer_timeout_s=min(timing.answer_timeout_s, ANSWER_TIMEOUT_S))
     with _interrupt_between_requests() as interrupted:
         while True:
             try:
-                address = locate(manager, interface, cluster, timing.discovery_s, required=True)
-                assert address is not None
-                status = cluster_status(address, quick)
+                ref = locate(manager, interface, cluster, timing.discovery_s, required=True)
+                assert ref is not None
+                credentials = ref.credentials(token)
+                status = cluster_status(ref.address, quick, credentials)
             except CpError as err:
                 if interrupted[0]:
                     raise KeyboardInterrupt from None
-                if not wait:
+                if not wait or isinstance(err, AccessError):  # waiting does not make this machine a member
                     raise
                 if time.monotonic() - said_at >= WAIT_SAY_S:
                     say(f"{err.message}; waiting for a manager (Ctrl-C to give up)")
@@ -367,7 +376,7 @@ def find_manager(manager: str | None, interface: str | None, cluster: str | None
             else:
                 if interrupted[0]:
                     raise KeyboardInterrupt
-                return address, status
+                return ref.address, credentials, status
             deadline = time.monotonic() + RETRY_S
             while not interrupted[0] and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.live import Live
 
-from cpcli.cli.cluster import timing_from_env
+from cpcli.cli.cluster import timing_from_env, token_option
 from cpcli.cli.display import nodes_table, progress_view, summary_lines
 from cpcli.cli.output import err_console, out_console
 from cpcli.cluster.client import RemoteRun
@@ -22,6 +22,7 @@ from cpcli.errors import CpError, RecipeError
 from cpcli.recipe import Recipe, load_recipe
 from cpcli.registry import load_registry
 from cpcli.runtime.session import Progress, RunOptions, SessionResult, StopControl, local_worker_name, run_session
+from cpcli.transport.curve import Credentials
 from cpcli.units import parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
@@ -81,6 +82,9 @@ def run_command(
     local: bool = typer.Option(False, "--local", help="Run here only, even when a manager is found."),
     interface: str = typer.Option(None, "--interface", help="Look for a manager over mDNS on this IPv4 address."),
     cluster: str = typer.Option(None, "--cluster", help="The cluster to run on, when several managers answer."),
+    token: str = token_option(),
+    no_encrypt_data: bool = typer.Option(False, "--no-encrypt-data", help="Send node data between machines "
+                                         "unencrypted (still members only): faster on a trusted wired network."),
 ) -> int:
     """Run a recipe and record it; stops on Ctrl-C or after --duration.
 
@@ -93,9 +97,11 @@ def run_command(
     loaded = load_recipe(recipe, registry)
     stop, interrupted = StopControl(), [False]
     options = RunOptions(out_dir=out or Path("sessions"), session_name=session, duration_s=duration_s,
-                         min_free=margin)
+                         min_free=margin, encrypt_data=loaded.encrypt_data and not no_encrypt_data)
     timing = timing_from_env()
-    address = None if local else locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
+    ref = None if local else locate(manager, interface, cluster, min(timing.discovery_s, 1.5), required=False)
+    address = None if ref is None else ref.address
+    credentials = None if ref is None else ref.credentials(token)
     if address is not None and out is not None:
         raise CpError(f"--out {out} applies to runs on this machine, but a manager was found at {address}: the "
                       "cluster records into the manager's and workers' --data folders",
@@ -107,11 +113,17 @@ def run_command(
     reporter = _Reporter(live, as_json)
 
     def execute() -> SessionResult:
-        if address is None:
+        if address is None or credentials is None:
             return run_session(loaded, registry, options, stop, reporter)
         if not as_json:
             err_console.print(f"running on the cluster of the manager at {address}", markup=False)
-        return RemoteRun(address, loaded, registry, options, stop, timing, reporter,
+        assert ref is not None
+        found = ref
+
+        def keys_now() -> Credentials:  # read again at each reconnection: a token rotated meanwhile applies
+            return found.credentials(token)
+
+        return RemoteRun(address, loaded, registry, options, stop, timing, keys_now, reporter,
                          lambda line: err_console.print(line, markup=False)).run()
 
     with _stop_on_signals(stop, interrupted):

@@ -5,7 +5,9 @@ each session (`<session>/<worker>/...` and its nodes' logs); the manager serves 
 records (`manifest.json`, `recipe.yaml`, `events.jsonl`). Requests are validated like every control
 message; a path that is absolute, has `..`, or resolves (through a symlink) outside the session is
 refused, and nothing outside the data folder is ever read. The client sets the pace: one chunk
-answers one FETCH, so the number of chunks in flight is the client's credit.
+answers one FETCH, so the number of chunks in flight is the client's credit. Only members connect
+(the member key, checked by the Router's gatekeeper); when the keys change (a rotation, a new
+token saved) the server listens again with the new ones, cutting every connection made before.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,6 +27,8 @@ import zmq
 from cpcli.archive.files import sha256_file
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Router
+from cpcli.errors import TransportError
+from cpcli.transport.curve import Credentials, Gatekeeper
 from cpcli.transport.protocol import pack_object
 
 CHUNK_BYTES = 1 << 20  # the largest chunk served: bounds memory per request on both ends
@@ -67,14 +72,16 @@ def _hashed(path: Path, rel: str, kind: str) -> dict[str, Any] | None:
 class ArchiveServer:
     """Serves the sessions under `data_dir`: the part `worker` owns, or (None) the manager's records."""
 
-    def __init__(self, data_dir: Path, host: str, worker: str | None, logger: logging.Logger | None = None) -> None:
+    def __init__(self, data_dir: Path, host: str, worker: str | None, logger: logging.Logger | None,
+                 keys: Callable[[], Credentials]) -> None:
         self.data_dir = data_dir.resolve()
         self.worker = worker
         self.owner = worker or ""
         self._log = logger or logging.getLogger("cpcli.archive_server")
+        self._keys = keys
         self._context: zmq.Context[Any] = zmq.Context()
         try:
-            self._router = Router(self._context, host, 0, self._log)
+            self._router = Router(self._context, host, 0, self._log, keys, what="archive server")
         except Exception:
             self._context.term()
             raise
@@ -87,6 +94,16 @@ class ArchiveServer:
     @property
     def address(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def credentials(self) -> Credentials:
+        """The keys it listens with now (the newest within POLL_MS of a change)."""
+        return self._router.credentials
+
+    @property
+    def gatekeeper(self) -> Gatekeeper:
+        """Its Router's gatekeeper (counts of admitted, refused and throttled connections)."""
+        return self._router.gatekeeper
 
     def start(self) -> ArchiveServer:
         self._thread.start()
@@ -116,6 +133,14 @@ class ArchiveServer:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self._router.check()
+                if self._keys() is not self._router.credentials:
+                    self._log.info("the archive server listens again with the cluster's new keys")
+                    try:
+                        self._router.rebind()
+                    except TransportError as err:  # its port was taken meanwhile: cp collect cannot reach it
+                        self._log.error("the archive server stopped: %s", err)
+                        return
                 if not self._router.socket.poll(POLL_MS):
                     continue
                 while (message := self._router.receive()) is not None:

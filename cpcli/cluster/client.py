@@ -1,4 +1,8 @@
-"""The `cp` side of the cluster: ask the manager for its status, or run a recipe there and follow it."""
+"""The `cp` side of the cluster: ask the manager for its status, or run a recipe there and follow it.
+
+Every request holds this machine's credentials; a manager that refuses them (a wrong, rotated or
+missing join token) is reported at once with what to do, not after the answer timeout.
+"""
 
 from __future__ import annotations
 
@@ -13,38 +17,52 @@ import zmq
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Dealer
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.errors import CpError, PeerLostError
+from cpcli.errors import AccessError, CpError, PeerLostError
 from cpcli.recipe import Recipe
 from cpcli.registry import Registry
 from cpcli.runtime.plan import NodeState, NodeStatus, plan_to_dict, status_from_dict
 from cpcli.runtime.session import Progress, RunOptions, SessionResult, StopControl, plan_nodes
+from cpcli.transport.curve import Credentials, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION
 
 POLL_MS = 50
 log = logging.getLogger("cpcli.client")
 
 
-def _await(dealer: Dealer, commands: set[bytes], timeout_s: float) -> tuple[bytes, dict[str, Any]] | None:
+def _check_refused(dealer: Dealer, address: str) -> None:
+    """CpError (closing the dealer) when the manager's gatekeeper turned this machine away."""
+    kind = dealer.refusal()
+    if kind is not None:
+        dealer.close(discard=True)
+        raise AccessError(*refusal_message(kind, f"manager at {address}", dealer.credentials.cluster))
+
+
+def _await(dealer: Dealer, address: str, commands: set[bytes], timeout_s: float
+           ) -> tuple[bytes, dict[str, Any]] | None:
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         if dealer.socket.poll(int(min(left, 0.1) * 1000) + 1):
             while (message := dealer.receive()) is not None:
                 if message[0] in commands:
                     return message
+        else:
+            _check_refused(dealer, address)  # cut off since the request left (a rotation): say so now
     return None
 
 
 def _request(context: zmq.Context[Any], address: str, command: bytes, body: dict[str, Any],
-             replies: set[bytes], timing: ClusterTiming) -> tuple[Dealer, bytes, dict[str, Any]]:
-    dealer = Dealer(context, address, "client", log)
+             replies: set[bytes], timing: ClusterTiming, credentials: Credentials
+             ) -> tuple[Dealer, bytes, dict[str, Any]]:
+    dealer = Dealer(context, address, "client", log, credentials)
     deadline = time.monotonic() + timing.answer_timeout_s
     while not dealer.send(command, body):  # not connected yet (IMMEDIATE): try until the deadline
+        _check_refused(dealer, address)
         if time.monotonic() > deadline:
             dealer.close(discard=True)
             raise PeerLostError(f"cannot reach the manager at {address}",
                                 hint="is `cp manager` running there, and is its port reachable from here?")
         time.sleep(0.02)
-    answer = _await(dealer, replies | {m.REFUSED}, max(0.1, deadline - time.monotonic()))
+    answer = _await(dealer, address, replies | {m.REFUSED}, max(0.1, deadline - time.monotonic()))
     if answer is None:
         dealer.close(discard=True)
         raise PeerLostError(f"the manager at {address} did not answer within {timing.answer_timeout_s:g} s",
@@ -55,10 +73,11 @@ def _request(context: zmq.Context[Any], address: str, command: bytes, body: dict
     return dealer, answer[0], answer[1]
 
 
-def cluster_status(address: str, timing: ClusterTiming) -> dict[str, Any]:
+def cluster_status(address: str, timing: ClusterTiming, credentials: Credentials) -> dict[str, Any]:
     context: zmq.Context[Any] = zmq.Context()
     try:
-        dealer, _, body = _request(context, address, m.STATUS, {"v": PROTOCOL_VERSION}, {m.STATUS_REPLY}, timing)
+        dealer, _, body = _request(context, address, m.STATUS, {"v": PROTOCOL_VERSION}, {m.STATUS_REPLY}, timing,
+                                   credentials)
         dealer.close()
         return body
     finally:
@@ -79,10 +98,12 @@ class RemoteRun:
     """`cp run` on a cluster: send the recipe, follow its progress, stop it, return its result."""
 
     def __init__(self, address: str, recipe: Recipe, registry: Registry, options: RunOptions, stop: StopControl,
-                 timing: ClusterTiming, on_progress: Callable[[Progress], None] | None = None,
+                 timing: ClusterTiming, credentials: Callable[[], Credentials],
+                 on_progress: Callable[[Progress], None] | None = None,
                  announce: Callable[[str], None] | None = None) -> None:
         self.address, self.recipe, self.options, self.stop = address, recipe, options, stop
         self.timing = timing
+        self.credentials = credentials
         self._registry = registry
         self._on_progress = on_progress
         self._announce = announce or (lambda line: log.info("%s", line))
@@ -110,10 +131,12 @@ class RemoteRun:
                 "session_name": o.session_name, "on_worker_lost": self.recipe.on_worker_lost,
                 "timing": o.timing.to_dict(),
                 "options": {"duration_s": o.duration_s, "shared_memory": o.shared_memory,
-                            "shm_threshold_bytes": o.shm_threshold_bytes, "min_free": min_free}}
+                            "shm_threshold_bytes": o.shm_threshold_bytes, "min_free": min_free,
+                            "encrypt_data": o.encrypt_data}}
 
     def _run(self) -> SessionResult:
-        dealer, _, accepted = _request(self._context, self.address, m.RUN, self._body(), {m.ACCEPTED}, self.timing)
+        dealer, _, accepted = _request(self._context, self.address, m.RUN, self._body(), {m.ACCEPTED}, self.timing,
+                                       self.credentials())
         self.session, self.session_dir = str(accepted["session"]), Path(str(accepted["session_dir"]))
         self._token = str(accepted.get("client_token") or "")
         heard = next_beat = time.monotonic()
@@ -158,13 +181,22 @@ class RemoteRun:
                                     "recording on the workers until its end or a stop",
                                     hint="restart `cp manager` (it picks the session up again), or stop "
                                          "`cp worker` on each machine with Ctrl-C: nothing recorded is lost")
-            dealer = Dealer(self._context, self.address, "client", log)
+            dealer = Dealer(self._context, self.address, "client", log, self.credentials())
             sent = False
             deadline = time.monotonic() + max(backoff, 0.5)
             while time.monotonic() < deadline and not sent:
                 sent = dealer.send(m.ATTACH, {"v": PROTOCOL_VERSION, "session": self.session, "token": self._token})
-                time.sleep(0.02)
-            answer = _await(dealer, {m.ACCEPTED, m.RESULT, m.REFUSED}, self.timing.answer_timeout_s) if sent else None
+                if not sent:
+                    self._check_refused(dealer)
+                    time.sleep(0.02)
+            if sent:
+                try:
+                    answer = _await(dealer, self.address, {m.ACCEPTED, m.RESULT, m.REFUSED},
+                                    self.timing.answer_timeout_s)
+                except CpError as err:
+                    raise self._refused(err) from err
+            else:
+                answer = None
             if answer is not None and answer[0] == m.REFUSED:
                 dealer.close(discard=True)
                 raise PeerLostError(f"the manager at {self.address} came back without session {self.session}: "
@@ -181,6 +213,17 @@ class RemoteRun:
             time.sleep(backoff)
             backoff = min(backoff * 2, self.timing.backoff_max_s)
 
+    def _check_refused(self, dealer: Dealer) -> None:
+        try:
+            _check_refused(dealer, self.address)
+        except CpError as err:
+            raise self._refused(err) from err
+
+    def _refused(self, err: CpError) -> CpError:
+        """Cut off by the manager (its secret was rotated meanwhile): the session cannot be followed from here."""
+        return CpError(f"{err.message}; without its cp run the manager stops session {self.session} (what it "
+                       f"recorded is kept, in {self.session_dir} on the manager and on each worker)", hint=err.hint)
+
     def _result(self, body: dict[str, Any]) -> SessionResult:
         manifest = dict(body["manifest"])
         nodes = _nodes({n: dict(v) for n, v in dict(manifest.get("nodes") or {}).items()})
@@ -196,12 +239,13 @@ class _Finished(Exception):
         self.body = body
 
 
-def send_mark(address: str, label: str, meta: dict[str, Any], timing: ClusterTiming) -> dict[str, Any]:
+def send_mark(address: str, label: str, meta: dict[str, Any], timing: ClusterTiming,
+              credentials: Credentials) -> dict[str, Any]:
     """Put a mark into the cluster's running session; returns {session, t_ns}."""
     context: zmq.Context[Any] = zmq.Context()
     try:
         dealer, _, body = _request(context, address, m.MARK, {"v": PROTOCOL_VERSION, "label": label, "meta": meta},
-                                   {m.MARKED}, timing)
+                                   {m.MARKED}, timing, credentials)
         dealer.close()
         return body
     finally:

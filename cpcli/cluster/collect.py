@@ -4,7 +4,9 @@ The manager names the cluster's workers and their archive servers (`cp status`) 
 session record; each worker's part is pulled by its own thread. A file is kept only once its
 sha256 equals the worker's record; a mismatch is fetched once more, then reported. What could not
 be collected (a worker offline, a link cut) is listed in the merged manifest and the next run
-continues it: verified files are skipped, partial ones continue from their size.
+continues it: verified files are skipped, partial ones continue from their size. Every request
+holds this machine's credentials of the cluster; an archive server refusing them is reported with
+the part it holds.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import SESSION_NAME_RE, unsafe_path
 from cpcli.cluster.client import cluster_status
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.cluster.transfer import PART_SUFFIX, ArchiveLink, Refused, Unreachable
+from cpcli.cluster.transfer import PART_SUFFIX, ArchiveLink, NotMemberError, Refused, Unreachable
 from cpcli.errors import ArchiveError, CpError, PeerLostError
+from cpcli.transport.curve import Credentials
 
 DISK_MARGIN_BYTES = 256 << 20  # left free after the collect: the machine keeps working
 MANAGER = "manager"  # the manager's record in reports (worker names cannot collide: parts are per worker)
@@ -80,18 +83,19 @@ class CollectResult:
 class Collector:
     """Collect one session of the cluster whose manager is at `address` into `out_dir/<session>/`."""
 
-    def __init__(self, address: str, out_dir: Path, timing: ClusterTiming, only: list[str] | None = None,
-                 on_progress: Progress | None = None) -> None:
+    def __init__(self, address: str, out_dir: Path, timing: ClusterTiming, only: list[str] | None,
+                 on_progress: Progress | None, credentials: Credentials) -> None:
         self.address, self.out_dir, self.timing = address, out_dir, timing
+        self.credentials = credentials
         self.only = only or []
         self._on_progress = on_progress or (lambda _part, _done, _total: None)
-        self._status = cluster_status(address, timing)
+        self._status = cluster_status(address, timing, credentials)
         archive = self._status["manager"].get("archive")
         if not isinstance(archive, str):
             raise CpError(f"the manager at {address} serves no session records",
                           hint="update cpcli on the manager's machine to the version of this one")
         self._context: zmq.Context[Any] = zmq.Context(IO_THREADS)
-        self._manager = ArchiveLink(self._context, archive, timing.answer_timeout_s)
+        self._manager = ArchiveLink(self._context, archive, timing.answer_timeout_s, credentials)
 
     def close(self) -> None:
         self._manager.close()
@@ -167,13 +171,13 @@ class Collector:
             part.status, part.error = "unreachable", "not connected to the manager"
             part.missing = [dict(f, reason="unreachable") for f in expected]
             return part
-        link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s)
+        link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s, self.credentials)
         try:
             reply = link.request(m.PART, {"session": session}, m.PART_REPLY)
             part.files = [f for f in reply["files"] if isinstance(f, dict)]
             part.record = dict(reply["record"])
-        except (Unreachable, Refused) as err:
-            part.status, part.error = "unreachable" if isinstance(err, Unreachable) else "incomplete", str(err)
+        except (Unreachable, Refused, NotMemberError) as err:
+            part.status, part.error = "incomplete" if isinstance(err, Refused) else "unreachable", str(err)
             part.missing = [dict(f, reason=str(err)) for f in expected]
         finally:
             link.close()
@@ -181,7 +185,7 @@ class Collector:
 
     def _pull(self, session: str, root: Path, part: PartReport) -> None:
         assert part.address is not None
-        link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s)
+        link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s, self.credentials)
         try:
             pull_part(link, session, root, part, self._on_progress)
         except Exception as err:  # a thread's boundary: the part is reported, never lost silently
@@ -211,7 +215,7 @@ def pull_part(link: ArchiveLink, session: str, root: Path, part: PartReport, on_
 
         try:
             outcome = _pull_file(link, session, path, size, sha256, dest, moved)
-        except Unreachable as err:
+        except (Unreachable, NotMemberError) as err:  # nothing more comes from that server
             part.status, part.error = "unreachable", str(err)
             part.missing.extend(dict(f, reason="unreachable") for f in part.files[index:])
             break

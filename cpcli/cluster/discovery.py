@@ -60,6 +60,7 @@ class ManagerAdvert:
     host: str  # the IPv4 address its control socket listens on, the interface it advertises on
     port: int
     protocol: int = PROTOCOL_VERSION
+    key: str = ""  # the fingerprint of the manager's public key (never a secret)
 
     @property
     def address(self) -> str:
@@ -147,7 +148,7 @@ class Advertiser:
         a = self.advert
         info = ServiceInfo(
             SERVICE_TYPE, f"{a.name}@{a.cluster}.{SERVICE_TYPE}", port=a.port,
-            properties={"cluster": a.cluster, "name": a.name, "protocol": str(a.protocol)},
+            properties={"cluster": a.cluster, "name": a.name, "protocol": str(a.protocol), "key": a.key},
             # One host name per address and port: managers never share an A record.
             server=f"cpcli-{a.host.replace('.', '-')}-{a.port}.local.", parsed_addresses=[a.host])
         zc = _open(self.interface)
@@ -193,14 +194,14 @@ def find_managers(interface: str, timeout_s: float, cluster: str | None = None,
 
 
 def find_manager(interface: str, timeout_s: float, cluster: str | None = None,
-                 settle_s: float = SETTLE_S) -> ManagerAdvert:
-    """The one manager (of `cluster`, when given) advertised on the network of `interface`.
+                 settle_s: float = SETTLE_S, key: str | None = None) -> ManagerAdvert:
+    """The one manager (of `cluster`, and holding the key of fingerprint `key`, when given) on `interface`'s network.
 
     Raises:
         PeerLostError: none answered within `timeout_s`.
         TransportError: several did (the message lists them), or mDNS cannot run on the interface.
     """
-    search = _search(interface, timeout_s, cluster, settle_s)
+    search = _search(interface, timeout_s, cluster, settle_s, key)
     of_cluster = f" of cluster {cluster}" if cluster else ""
     if not search.found:
         seen = f"; ignored: {', '.join(search.ignored)}" if search.ignored else ""
@@ -215,7 +216,8 @@ def find_manager(interface: str, timeout_s: float, cluster: str | None = None,
     return search.found[0]
 
 
-def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: float | None) -> _Search:
+def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: float | None,
+            key: str | None = None) -> _Search:
     if timeout_s <= 0 or (settle_s is not None and settle_s < 0):
         raise ValueError(f"timeout_s must be above 0 and settle_s not below 0, got {timeout_s}, {settle_s}")
     _, network = _local_network(interface)
@@ -246,7 +248,8 @@ def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: flo
                 ignored.pop(name, None)
                 if not present:
                     continue
-                advert, why = _resolve(zc, name, min(RESOLVE_S, max(0.0, latest - time.monotonic())), network, cluster)
+                advert, why = _resolve(zc, name, min(RESOLVE_S, max(0.0, latest - time.monotonic())), network, cluster,
+                                       key)
                 if advert is not None:
                     found[name] = advert
                     if settle_s is not None:
@@ -265,8 +268,8 @@ def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: flo
     return _Search(tuple(ordered), tuple(ignored[n] for n in sorted(ignored)))
 
 
-def _resolve(zc: Zeroconf, name: str, timeout_s: float, network: ipaddress.IPv4Network, cluster: str | None
-             ) -> tuple[ManagerAdvert | None, str]:
+def _resolve(zc: Zeroconf, name: str, timeout_s: float, network: ipaddress.IPv4Network, cluster: str | None,
+             key: str | None = None) -> tuple[ManagerAdvert | None, str]:
     """The advert behind instance `name`, or None and why it is not usable ('' when not worth a word)."""
     info = ServiceInfo(SERVICE_TYPE, name)
     if not info.request(zc, timeout_s * 1000.0, question_type=QUESTION):  # zeroconf takes milliseconds
@@ -276,7 +279,7 @@ def _resolve(zc: Zeroconf, name: str, timeout_s: float, network: ipaddress.IPv4N
     hosts = info.parsed_addresses(IPVersion.V4Only)
     try:
         advert = ManagerAdvert(cluster=str(txt["cluster"]), name=str(txt["name"]), host=hosts[0],
-                               port=int(info.port or 0), protocol=int(txt["protocol"]))
+                               port=int(info.port or 0), protocol=int(txt["protocol"]), key=str(txt.get("key") or ""))
     except (KeyError, IndexError, TypeError, ValueError):
         log.warning("ignoring mDNS service %s: not a cpcli manager advert (TXT %s, addresses %s)", name, txt, hosts)
         return None, f"{name.removesuffix('.' + SERVICE_TYPE)} (not a cpcli manager)"
@@ -289,6 +292,10 @@ def _resolve(zc: Zeroconf, name: str, timeout_s: float, network: ipaddress.IPv4N
         return None, f"{advert.describe()} (protocol {advert.protocol}, this cpcli speaks {PROTOCOL_VERSION})"
     if cluster is not None and advert.cluster != cluster:
         return None, advert.describe()
+    if key is not None and advert.key != key:
+        log.warning("ignoring manager %s: its key %s is not the one of this machine's join token (%s)",
+                    advert.describe(), advert.key or "(none)", key)
+        return None, f"{advert.describe()} (its key {advert.key or '(none)'} is not the one of this machine's token)"
     return advert, ""
 
 

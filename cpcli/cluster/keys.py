@@ -29,7 +29,7 @@ import zmq
 from zmq.utils import z85
 
 from cpcli.cluster.discovery import NAME_RE
-from cpcli.errors import CpError
+from cpcli.errors import AccessError, CpError
 from cpcli.transport.curve import Credentials
 
 TOKEN_ENV = "CP_TOKEN"
@@ -71,22 +71,22 @@ def parse_token(text: str, where: str = "the join token") -> Credentials:
     token = text.strip()
     parts = token.split(":")
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
-        raise CpError(f"{where} is not a cpcli join token (expected cp1:CLUSTER:KEY, got {token[:24]!r}...)",
+        raise AccessError(f"{where} is not a cpcli join token (expected cp1:CLUSTER:KEY, got {token[:24]!r}...)",
                       hint=hint)
     cluster, body = parts[1], parts[2]
     if not NAME_RE.fullmatch(cluster):
-        raise CpError(f"{where} names cluster {cluster[:40]!r}, which is not a cluster name", hint=hint)
+        raise AccessError(f"{where} names cluster {cluster[:40]!r}, which is not a cluster name", hint=hint)
     try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as err:
-        raise CpError(f"{where} for cluster {cluster} is damaged (not base64)", hint=hint) from err
+        raise AccessError(f"{where} for cluster {cluster} is damaged (not base64)", hint=hint) from err
     if len(raw) != 32 + SECRET_BYTES + CHECK_BYTES:
-        raise CpError(f"{where} for cluster {cluster} is {'too short' if len(raw) < 52 else 'too long'} "
+        raise AccessError(f"{where} for cluster {cluster} is {'too short' if len(raw) < 52 else 'too long'} "
                       "(cut off or joined with something)", hint=hint)
     payload, check = raw[:-CHECK_BYTES], raw[-CHECK_BYTES:]
     expected = hashlib.sha256(f"{TOKEN_PREFIX}:{cluster}:".encode() + payload).digest()[:CHECK_BYTES]
     if not secrets.compare_digest(check, expected):
-        raise CpError(f"{where} for cluster {cluster} is damaged (its check digits do not match)", hint=hint)
+        raise AccessError(f"{where} for cluster {cluster} is damaged (its check digits do not match)", hint=hint)
     return Credentials(cluster, z85.encode(payload[:32]), payload[32:])
 
 
@@ -198,13 +198,13 @@ def member_credentials(cluster: str | None, token: str | None) -> Credentials:
     if given:
         creds = parse_token(given, "--token" if token else TOKEN_ENV)
         if cluster is not None and creds.cluster != cluster:
-            raise CpError(f"the join token is for cluster {creds.cluster}, not {cluster}",
+            raise AccessError(f"the join token is for cluster {creds.cluster}, not {cluster}",
                           hint=f"pass --cluster {creds.cluster}, or the token of cluster {cluster}")
         return creds
     if cluster is None:
         known = known_clusters()
         if len(known) > 1:
-            raise CpError(f"this machine holds keys of {len(known)} clusters ({', '.join(known)})",
+            raise AccessError(f"this machine holds keys of {len(known)} clusters ({', '.join(known)})",
                           hint="pass --cluster NAME")
         if not known:
             raise _no_token("any cluster")
@@ -218,8 +218,8 @@ def member_credentials(cluster: str | None, token: str | None) -> Credentials:
     return stored
 
 
-def _no_token(what: str) -> CpError:
-    return CpError(f"this machine has no join token of {what}: it is not a member yet",
+def _no_token(what: str) -> AccessError:
+    return AccessError(f"this machine has no join token of {what}: it is not a member yet",
                    hint="run `cp token` on the manager's machine, then here `cp token --save TOKEN` "
                         "(or pass --token TOKEN once)")
 

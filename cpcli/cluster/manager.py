@@ -32,7 +32,8 @@ from cpcli.clock import CLOCK_WARN_NS
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import ArchiveServer
 from cpcli.cluster.channel import Router
-from cpcli.cluster.clocknet import ClockServer
+from cpcli.cluster.clocknet import ClockServer, clock_keys
+from cpcli.cluster.keys import KeyRing
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.errors import ArchiveError, CpError, TransportError
 from cpcli.runtime.plan import plan_from_dict, status_from_dict, status_to_dict
@@ -54,6 +55,7 @@ class ManagerConfig:
     interface: str
     port: int
     data_dir: Path
+    keys: KeyRing  # the cluster's keys; reloaded when `cp token --rotate` changes them
     timing: ClusterTiming = ClusterTiming()
     local_worker: str | None = None  # the name of the worker running in this process, if any
 
@@ -144,9 +146,14 @@ class Manager:
         self._log = logger or logging.getLogger("cpcli.manager")
         self._announce = announce or (lambda line: self._log.info("%s", line))
         self._context: zmq.Context[Any] = zmq.Context()
-        self.router = Router(self._context, config.interface, config.port, self._log)
         try:
-            self.clock_server = ClockServer(config.interface, self.router.port)
+            self.router = Router(self._context, config.interface, config.port, self._log, config.keys.current,
+                                 as_manager=True, what="manager")
+        except BaseException:
+            self._context.term()
+            raise
+        try:
+            self.clock_server = ClockServer(config.interface, self.router.port, clock_keys(config.keys.current))
         except TransportError:
             self.router.close()
             self._context.term()
@@ -172,7 +179,8 @@ class Manager:
 
     def run(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.archive = ArchiveServer(self.config.data_dir, self.config.interface, None, self._log).start()
+        self.archive = ArchiveServer(self.config.data_dir, self.config.interface, None, self._log,
+                                     self.config.keys.current).start()
         try:
             stopping_since: float | None = None
             while True:
@@ -193,6 +201,15 @@ class Manager:
         if self.router.socket.poll(POLL_MS):
             while (message := self.router.receive()) is not None:
                 self._handle(*message)
+        self.router.check()
+        if self.config.keys.current() is not self.router.credentials:
+            self._announce("cluster secret rotated: members holding the old token are disconnected until they get "
+                           "the new one")
+            self.router.rebind()  # the old connections were admitted with the old secret: cut them all
+            if self.session is not None and self.session.client:
+                # its cp run reconnects with the keys now on disk (on this machine, the new ones): give it the
+                # time a restarted manager gives, rather than stopping the session under it
+                self.session.client_heard = time.monotonic() + self.config.timing.reattach_s
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + self.config.timing.beat_s
@@ -720,9 +737,13 @@ class Manager:
         if self.session is not None:
             s = self.session
             session = {"name": s.name, "phase": s.phase, "dir": str(s.dir), "recipe": s.recipe,
+                       "encrypt_data": bool(s.options.get("encrypt_data", True)),
                        "elapsed_s": round(s.t_ns() / 1e9, 3) if s.start_ns is not None else 0.0,
                        "nodes": self._node_view(s), "lost": sorted(self._lost_now(s) & set(s.workers))}
+        creds = self.router.credentials
         return {"manager": {"name": self.config.name, "cluster": self.config.cluster,
+                            "security": "insecure" if creds.insecure else "curve", "key": creds.fingerprint,
+                            "turned_away": self.router.counts,
                             "address": f"{self.config.interface}:{self.port}", "version": __version__,
                             "protocol": PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                             "local_worker": self.config.local_worker,

@@ -3,6 +3,7 @@
 One `ArchiveLink` (one DEALER) belongs to one thread. A file is streamed into `<file>.part`, hashed
 as it arrives, and continues from the part's size on the next run (the part re-hashed first); at
 most CREDIT chunks are requested ahead, so memory stays at CREDIT chunks whatever the file size.
+The link holds the member key; a server whose gatekeeper refuses it raises NotMemberError at once.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import zmq
 
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, sha256_prefix
-from cpcli.errors import TransportError
+from cpcli.errors import AccessError, TransportError
+from cpcli.transport.curve import Credentials, HandshakeWatch, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION, pack_object, unpack_object
 
 CREDIT = 8  # chunks in flight per server: enough to fill a LAN link's round trip, 8 MiB of memory at most
 MAX_REPLY_BYTES = 64 << 20  # a PART listing of a long session stays far below this
 LINGER_MS = 0  # a link given up on drops what it still queued
 PART_SUFFIX = ".part"
+WATCH_MS = 100  # while waiting for an answer, whether the server refused us is checked this often
 
 
 class Unreachable(Exception):
@@ -37,34 +40,48 @@ class Refused(Exception):
     """The server answered with a refusal (path outside the session, file gone)."""
 
 
+class NotMemberError(AccessError):
+    """The server's gatekeeper refused this machine's keys: nothing it holds can be fetched with them."""
+
+
 class ArchiveLink:
     """A DEALER to one archive server; `reset()` after an aborted transfer drops late replies with it."""
 
-    def __init__(self, context: zmq.Context[Any], address: str, timeout_s: float) -> None:
+    def __init__(self, context: zmq.Context[Any], address: str, timeout_s: float, credentials: Credentials) -> None:
         self.context, self.address, self.timeout_s = context, address, timeout_s
+        self.credentials = credentials
         self.received_bytes = 0
-        self._socket = self._open()
+        self._socket, self._watch = self._open()
 
-    def _open(self) -> zmq.Socket[Any]:
+    def _open(self) -> tuple[zmq.Socket[Any], HandshakeWatch]:
         sock: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, CREDIT * 4)
         sock.setsockopt(zmq.RCVHWM, CREDIT * 4)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        self.credentials.connect_to(sock)  # archive servers hold the member key, not the manager's
+        watch = HandshakeWatch(sock)
         try:
             sock.connect(self.address)
         except zmq.ZMQError as err:
+            watch.close()
             sock.close()
             raise Unreachable(f"cannot connect to {self.address} ({zmq.strerror(err.errno or 0)})") from err
-        return sock
+        return sock, watch
 
     def reset(self) -> None:
-        self._socket.close()
-        self._socket = self._open()
+        self.close()
+        self._socket, self._watch = self._open()
 
     def close(self) -> None:
+        self._watch.close()
         self._socket.close()
+
+    def _check_refused(self) -> None:
+        kind = self._watch.check()
+        if kind is not None:
+            raise NotMemberError(*refusal_message(kind, f"archive server at {self.address}", self.credentials.cluster))
 
     def send(self, command: bytes, body: dict[str, Any]) -> None:
         try:
@@ -73,11 +90,15 @@ class ArchiveLink:
             raise Unreachable(f"{self.address} did not take a request within {self.timeout_s:g} s") from err
 
     def receive(self) -> tuple[bytes, dict[str, Any], memoryview]:
-        """The next valid reply (command, body, raw data); garbage is skipped, silence raises Unreachable."""
+        """The next valid reply (command, body, raw data); garbage is skipped, silence raises Unreachable.
+
+        Raises NotMemberError as soon as the server refuses this machine's keys.
+        """
         deadline = time.monotonic() + self.timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if not self._socket.poll(int(left * 1000) + 1):
-                break
+            if not self._socket.poll(min(int(left * 1000) + 1, WATCH_MS)):
+                self._check_refused()
+                continue
             frames = self._socket.recv_multipart(copy=False)  # a chunk's bytes go to disk and hash uncopied
             if len(frames) not in (2, 3):
                 continue

@@ -3,7 +3,8 @@
 One thread owns everything: the DEALER to the manager, and the supervisor (node processes) of each
 session. Recording never depends on the manager: a worker that loses it keeps its nodes running
 and recording until the session's own end (the duration it was given) or a stop, reconnects with a
-capped back-off, and reports what it ran when it re-registers.
+capped back-off, and reports what it ran when it re-registers. Its credentials are read again at
+each connection, so a token saved after a rotation (`cp token --save`) lets it rejoin unrestarted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import zmq
 
 from cpcli import __version__
+from cpcli._nodecheck import param_problems
 from cpcli.archive.files import file_record
 from cpcli.archive.manifest import write_json_atomically
 from cpcli.archive.session import SESSION_NAME
@@ -27,16 +29,18 @@ from cpcli.clocksync import Probe
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import ArchiveServer
 from cpcli.cluster.channel import Dealer
-from cpcli.cluster.clocknet import ClockClient
+from cpcli.cluster.clocknet import ClockClient, clock_key
+from cpcli.cluster.keys import KeyRing
 from cpcli.cluster.machine import resources
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.devices import list_devices
-from cpcli.errors import CpError, TransportError
+from cpcli.errors import AccessError, CpError, TransportError
 from cpcli.registry import Registry
 from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
 from cpcli.runtime.plan import NodePlan, NodeState, plan_from_dict, status_to_dict
 from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
+from cpcli.transport.curve import Credentials, DataSecurity, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION
 from cpcli.units import Size
 
@@ -51,6 +55,7 @@ class WorkerConfig:
     interface: str  # this worker's address: node publishers listen here
     data_dir: Path
     manager: str  # HOST:PORT of the manager
+    keys: KeyRing  # this machine's credentials of the cluster; read again at each connection
     timing: ClusterTiming = ClusterTiming()
 
 
@@ -94,6 +99,7 @@ class WorkerAgent:
         self._instance = secrets.token_hex(8)  # tells "this worker reconnecting" from "another of that name"
         self._context: zmq.Context[Any] = zmq.Context()
         self._dealer: Dealer | None = None
+        self._refusal_logged = False  # the manager's refusal is logged once per episode, until it welcomes us
         self._joined = False
         self._ever_joined = False
         self._last_heard = 0.0
@@ -117,7 +123,8 @@ class WorkerAgent:
     def run(self) -> None:
         resources(self.config.data_dir)  # primes psutil's CPU sampling
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        self._archive = ArchiveServer(self.config.data_dir, self.config.interface, self.config.name, self._log).start()
+        self._archive = ArchiveServer(self.config.data_dir, self.config.interface, self.config.name, self._log,
+                                      self.config.keys.current).start()
         try:
             self._connect()
             while not self._stop.is_set():
@@ -165,7 +172,8 @@ class WorkerAgent:
     def _connect(self) -> None:
         if self._dealer is not None:
             self._dealer.close(discard=True)
-        self._dealer = Dealer(self._context, self.config.manager, self.config.name, self._log)
+        self._dealer = Dealer(self._context, self.config.manager, self.config.name, self._log,
+                              self.config.keys.current())
         self._joined = False
         now = time.monotonic()
         self._register_deadline = now + self.config.timing.register_timeout_s
@@ -185,6 +193,10 @@ class WorkerAgent:
             if now >= self._reconnect_at:
                 self._connect()
             return
+        refusal = self._dealer.refusal()
+        if refusal is not None:
+            self._turned_away(refusal, now)
+            return
         if not self._joined:
             if now >= self._next_register_send:
                 if self._dealer.send(m.REGISTER, self._register_body()):
@@ -198,17 +210,10 @@ class WorkerAgent:
                 self._backoff_s = min(self._backoff_s * 2, timing.backoff_max_s)
             return
         if now - self._last_heard > timing.lost_after_s:
-            recording = sum(len(s.plans) for s in self._sessions.values() if s.phase not in ("finished",))
             self._announce(f"lost the manager {self.manager_name} at {self.config.manager}"
-                           + (f"; {recording} nodes keep recording" if recording else "") + "; reconnecting")
-            self._dealer.close(discard=True)
-            self._dealer = None
-            self._joined = False
+                           + self._recording() + "; reconnecting")
+            self._drop_manager()
             self._backoff_s = timing.backoff_min_s
-            for session in self._sessions.values():  # not started yet: nothing to record, give it up
-                if session.phase in ("preparing", "wired"):
-                    session.error = "the manager was lost before the session started"
-                    self._begin_stop(session)
             self._reconnect_at = now + self._backoff_s
             return
         if now >= self._next_beat:
@@ -217,6 +222,41 @@ class WorkerAgent:
             if self.clock is not None:
                 body["clock"] = self.clock.to_dict()
             self._dealer.send(m.BEAT, body)
+
+    def _recording(self) -> str:
+        recording = sum(len(s.plans) for s in self._sessions.values() if s.phase not in ("finished",))
+        return f"; {recording} node{'s keep' if recording != 1 else ' keeps'} recording" if recording else ""
+
+    def _drop_manager(self) -> None:
+        """Close the connection to the manager; sessions not started yet are given up (nothing to record)."""
+        if self._dealer is not None:
+            self._dealer.close(discard=True)
+        self._dealer = None
+        self._joined = False
+        for session in self._sessions.values():
+            if session.phase in ("preparing", "wired"):
+                session.error = "the manager was lost before the session started"
+                self._begin_stop(session)
+
+    def _turned_away(self, kind: str, now: float) -> None:
+        """The manager's gatekeeper refused this worker's keys: fatal at the first join, else wait for a new token."""
+        assert self._dealer is not None
+        tried = self._dealer.credentials
+        creds = self.config.keys.current()
+        message, hint = refusal_message(kind, f"manager at {self.config.manager}", creds.cluster)
+        if not self._ever_joined:
+            raise AccessError(message, hint=hint)
+        self._drop_manager()
+        if creds is not tried:  # a new token arrived since this connection was made: try it at once
+            self._backoff_s = self.config.timing.backoff_min_s
+            self._reconnect_at = now
+            return
+        if not self._refusal_logged:  # once per episode: a worker waiting for its new token must not flood the log
+            self._refusal_logged = True
+            self._log.error("%s%s; trying again every %g s at most; to let this worker back in, %s (here; no "
+                            "restart needed)", message, self._recording(), self.config.timing.backoff_max_s, hint)
+        self._reconnect_at = now + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.config.timing.backoff_max_s)
 
     def _send(self, command: bytes, body: dict[str, Any]) -> bool:
         if self._dealer is None or not self._joined:
@@ -250,13 +290,19 @@ class WorkerAgent:
     def _welcomed(self, body: dict[str, Any]) -> None:
         first = not self._ever_joined
         self._joined = self._ever_joined = True
+        self._refusal_logged = False
         self._backoff_s = self.config.timing.backoff_min_s
         self.manager_name = str(body["manager"])
+        creds: Credentials = self._dealer.credentials if self._dealer is not None else self.config.keys.current()
+        key = clock_key(creds)
+        if self._clock_client is not None and self._clock_client.key != key:  # the cluster's secret was rotated
+            self._clock_client.close()
+            self._clock_client = None
         if self._clock_client is None:
             host = self.config.manager.rpartition(":")[0]
             port = int(body.get("clock_port") or self.config.manager.rpartition(":")[2])
             try:
-                self._clock_client = ClockClient(host, port, self._on_clock, local=self.config.interface)
+                self._clock_client = ClockClient(host, port, self._on_clock, local=self.config.interface, key=key)
             except TransportError as err:  # tried again at the next registration; nodes wait for a clock
                 self._log.error("%s", err)
             else:
@@ -323,7 +369,9 @@ class WorkerAgent:
                                     logger=logging.getLogger(f"cpcli.worker.{name}"),
                                     shared_memory=bool(options.get("shared_memory", True)),
                                     shm_threshold_bytes=int(options.get("shm_threshold_bytes", 0)),
-                                    external_wiring=True)
+                                    external_wiring=True,
+                                    data_security=DataSecurity(self.config.keys.current(),
+                                                               bool(options.get("encrypt_data", True)), name))
         except CpError as err:
             self._send(m.FAILED, {"session": name, "message": err.message, "hint": err.hint or ""})
             return
@@ -351,7 +399,11 @@ class WorkerAgent:
         if node_type is None:
             raise CpError(f"node {data.get('id')}: type {data.get('type')} is not installed on worker "
                           f"{self.config.name}", hint="install the package that provides it there (`cp nodes`)")
-        return plan_from_dict(data, node_type.origin)
+        plan = plan_from_dict(data, node_type.origin)  # the code that runs is the one installed here
+        problems = param_problems(node_type, plan.params)  # plain data, checked here: the sender is not trusted
+        if problems:
+            raise CpError(f"node {plan.id}: {'; '.join(problems)}", hint="check the recipe with `cp validate`")
+        return plan
 
     def _connect_nodes(self, session: _Session, body: dict[str, Any]) -> None:
         if session.phase == "preparing":

@@ -3,6 +3,8 @@
 A node computes and sends a preview (`~node/port`, at most twice a second) only while someone
 subscribes to it, so closing a socket here (previews off, the session over) makes it stop.
 The thread that creates a `PreviewFeed` owns its sockets and must be the only one to call it.
+In a cluster the node publishers admit members only, so the feed logs in with the session's
+`DataSecurity`, as the nodes' own inputs do.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import zmq
 
 from cpcli.errors import TransportError
+from cpcli.transport.curve import DataSecurity
 from cpcli.transport.preview import preview_topic
 from cpcli.transport.protocol import KIND_ARRAY, KIND_OBJECT, array_from_payload, decode_header, unpack_object
 from cpcli.transport.pubsub import topic_for
@@ -31,12 +34,25 @@ Preview = tuple[str, str, Any]  # node, port, value (a small frame, or plain dat
 class PreviewFeed:
     """The preview subscriptions of one monitor."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: DataSecurity | None = None) -> None:
+        """`security`: the watched session's data security (its keys, and whether its data is encrypted);
+        None for a session without keys (one machine). A mismatch is refused by the node: no previews."""
+        self._security = security
         self._context: zmq.Context[Any] = zmq.Context()
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._topics: dict[str, set[bytes]] = {}
         self.bytes_received = 0  # preview traffic, for the benchmark
         self.malformed = 0
+
+    def secure(self, security: DataSecurity | None) -> None:
+        """Another session (or one with other keys): later subscriptions use `security`; current ones close."""
+        if security == self._security:
+            return
+        for socket in self._sockets.values():
+            socket.close(linger=LINGER_MS)
+        self._sockets.clear()
+        self._topics.clear()
+        self._security = security
 
     def watch(self, wanted: Mapping[str, Iterable[tuple[str, str]]]) -> None:
         """Subscribe to exactly these (node, port) previews, per publisher endpoint; drop the rest."""
@@ -53,6 +69,8 @@ class PreviewFeed:
                 socket = self._context.socket(zmq.SUB)
                 socket.setsockopt(zmq.LINGER, LINGER_MS)
                 socket.setsockopt(zmq.RCVHWM, PREVIEW_HWM)
+                if self._security is not None:
+                    self._security.connect_to(socket)
                 try:
                     socket.connect(endpoint)
                 except zmq.ZMQError as err:

@@ -25,11 +25,13 @@ from cpcli.archive.writer import NodeRecorder, RecordingError
 from cpcli.clock import Clock, ClockMapping
 from cpcli.errors import CpError, PeerLostError
 from cpcli.node import Node, NodeContext, Sample
+from cpcli.runtime import security as data_security
 from cpcli.runtime.intake import Intake
 from cpcli.runtime.stats import LatencyMeter, NodeStats, RateMeter
 from cpcli.runtime.timing import Timing
 from cpcli.transport import shm
 from cpcli.transport.control import ControlClient
+from cpcli.transport.curve import DataSecurity
 from cpcli.transport.protocol import (
     BOUND,
     CLOCK,
@@ -87,10 +89,16 @@ def _split_outputs(result: Any, ports: tuple[str, ...]) -> list[tuple[str, Any]]
 
 
 class Driver:
-    """Runs one node: the only owner of its sockets, in one thread."""
+    """Runs one node: the only owner of its sockets, in one thread.
 
-    def __init__(self, control_endpoint: str, node_id: str, parent_pid: int) -> None:
+    `security`: how its publisher admits subscribers and its inputs log in (None: no keys, a
+    session on one machine whose sockets stay on loopback).
+    """
+
+    def __init__(self, control_endpoint: str, node_id: str, parent_pid: int,
+                 security: DataSecurity | None = None) -> None:
         self.node_id = node_id
+        self._security = security
         self._parent_pid = parent_pid
         self._context: zmq.Context[Any] = zmq.Context()
         self._control = ControlClient(self._context, control_endpoint, node_id)
@@ -174,7 +182,7 @@ class Driver:
         self._node = cls(**node["params"])
         self._ports = tuple(cls.outputs)
         self._publisher = Publisher(self._context, self.node_id, self._ports, self._config.get("host", "127.0.0.1"),
-                                    self._log)
+                                    self._log, self._security)
         self._poller.register(self._publisher.socket, zmq.POLLIN)
         prefix = None
         if self._config.get("shared_memory") and shm.available():
@@ -188,7 +196,8 @@ class Driver:
 
     def _connect(self, wiring: dict[str, Any]) -> None:
         node = self._config["node"]
-        self._intake = Intake(self._context, wiring["inputs"], node["sync"], node["tolerance_ms"], self._log)
+        self._intake = Intake(self._context, wiring["inputs"], node["sync"], node["tolerance_ms"], self._log,
+                              self._security)
         for sub in self._intake.subscribers:
             self._poller.register(sub.socket, zmq.POLLIN)
         self._expected_subscribers: dict[str, int] = wiring["subscribers"]
@@ -438,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle, in order
     _die_with_parent(args.parent)
-    driver = Driver(args.control, args.node, args.parent)
+    driver = Driver(args.control, args.node, args.parent, data_security.take(os.environ))
     signal.signal(signal.SIGTERM, driver.request_stop)
     return driver.run()
 

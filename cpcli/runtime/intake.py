@@ -10,6 +10,7 @@ import zmq
 
 from cpcli.node import Sample
 from cpcli.runtime.inputs import InputSet
+from cpcli.transport.curve import DataSecurity
 from cpcli.transport.pubsub import Subscriber
 
 
@@ -18,14 +19,15 @@ class Intake:
 
     Args:
         edges: the supervisor's wiring, one mapping per input: key, endpoint, topic, shm.
+        security: the session's data security (the upstream publishers serve with the same).
     """
 
     def __init__(self, context: zmq.Context[Any], edges: Sequence[dict[str, Any]], sync: str,
-                 tolerance_ms: float, logger: logging.Logger) -> None:
+                 tolerance_ms: float, logger: logging.Logger, security: DataSecurity | None = None) -> None:
         self._log = logger
         self.subscribers = [
             Subscriber(context, e["key"], e["endpoint"], e["topic"].encode(), logger,
-                       None if not e.get("shm") else (e["shm"]["prefix"], e["shm"].get("reader")))
+                       None if not e.get("shm") else (e["shm"]["prefix"], e["shm"].get("reader")), security)
             for e in edges
         ]
         self._by_key = {s.key: s for s in self.subscribers}

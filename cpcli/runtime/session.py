@@ -50,6 +50,9 @@ class RunOptions:
     shared_memory: bool = True  # same-host payloads through shared memory (False: TCP for all)
     shm_threshold_bytes: int = 0  # arrays at least this large use shared memory; 0 = the default
     min_free: Size = DEFAULT_MIN_FREE  # recording stops cleanly when the disk has less free space
+    # A cluster session's node data between machines: Curve-encrypted, or (False) PLAIN, members only but
+    # readable on the wire. A session on one machine has no keys: its publishers bind loopback only.
+    encrypt_data: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ class _LocalSession:
         self.supervisor = Supervisor(plan_nodes(recipe, registry), self.dir, self.worker, options.timing,
                                      logger=logging.getLogger("cpcli.session"),
                                      shared_memory=options.shared_memory,
-                                     shm_threshold_bytes=options.shm_threshold_bytes)
+                                     shm_threshold_bytes=options.shm_threshold_bytes,
+                                     data_security=None)  # one machine: loopback only, no keys needed
         self.start_ns = self.clock.now_ns()
         self.stop_ns: int | None = None
         self.began = False

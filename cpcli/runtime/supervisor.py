@@ -16,12 +16,14 @@ from typing import Any
 import zmq
 
 from cpcli.clock import ClockMapping
+from cpcli.runtime import security
 from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
 from cpcli.transport import shm
 from cpcli.transport.control import ControlServer
+from cpcli.transport.curve import DataSecurity
 from cpcli.transport.protocol import BOUND, CLOCK, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
 
 
@@ -30,10 +32,13 @@ class Supervisor:
 
     def __init__(self, plans: list[NodePlan], session_dir: Path, worker: str, timing: Timing,
                  host: str = "127.0.0.1", logger: logging.Logger | None = None, *,
-                 shared_memory: bool = True, shm_threshold_bytes: int = 0, external_wiring: bool = False) -> None:
+                 shared_memory: bool = True, shm_threshold_bytes: int = 0, external_wiring: bool = False,
+                 data_security: DataSecurity | None = None) -> None:
         """`host`: where node publishers listen (this worker's interface in a cluster; node control
         always stays on loopback). `external_wiring`: the nodes' upstreams live on other workers too,
-        so the caller wires them (`bound`, then `connect`) instead of this supervisor."""
+        so the caller wires them (`bound`, then `connect`) instead of this supervisor. `data_security`:
+        the session's keys for the node publishers and inputs (a cluster session; None: no keys, for
+        a session on one machine whose publishers bind loopback)."""
         self._plans = {p.id: p for p in plans}
         self._session_dir = session_dir
         self._worker = worker
@@ -49,6 +54,7 @@ class Supervisor:
         self.ended: list[tuple[str, dict[str, Any]]] = []  # (node, samples sent per port), for the caller
         self._shared_memory = shared_memory
         self._shm_threshold_bytes = shm_threshold_bytes
+        self._data_security = data_security
         self._session_tag = hashlib.sha256(str(session_dir).encode()).hexdigest()[:8]
         self._wired = False
         self._clock: ClockMapping | None = None  # this machine onto cluster time (None: the same clock)
@@ -65,6 +71,7 @@ class Supervisor:
         for name in shm.clean_stale_segments():  # left by a session whose processes were killed
             self._log.info("removed stale shared memory %s", name)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        security.give(env, self._data_security)  # the environment: not ps-visible, not on the control socket
         for node_id in self._plans:
             with open(self.log_path(node_id), "ab") as log:
                 self._procs[node_id] = subprocess.Popen(

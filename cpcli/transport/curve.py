@@ -134,7 +134,11 @@ class Credentials:
         kind, _, rest = text.partition(":")
         if kind == "insecure":
             return cls.demo(rest)
-        cluster, public, secret = rest.split(":")
+        if kind != "curve":
+            raise ValueError("neither curve nor insecure")
+        # Z85 keys may hold ':' themselves: the cluster name cannot, nor can the hex secret
+        cluster, _, keys = rest.partition(":")
+        public, _, secret = keys.rpartition(":")
         return cls(cluster, public.encode(), bytes.fromhex(secret))
 
 
@@ -193,7 +197,11 @@ class Gatekeeper:
         self._log = logger or logging.getLogger("cpcli.gatekeeper")
         self._socket: zmq.Socket[Any] = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(ZAP_ENDPOINT)
+        try:
+            self._socket.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError:
+            self._socket.close()
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gatekeeper", daemon=True)
         self._refusals: dict[str, deque[float]] = {}
@@ -221,7 +229,11 @@ class Gatekeeper:
                 timeout = POLL_MS
                 if self._pending:
                     timeout = max(1, min(POLL_MS, int((self._pending[0].due - time.monotonic()) * 1000) + 1))
-                if self._socket.poll(timeout):
+                try:
+                    readable = self._socket.poll(timeout)
+                except zmq.ZMQError:  # the context was terminated under us: nothing left to guard
+                    return
+                if readable:
                     while True:
                         try:
                             frames = self._socket.recv_multipart(zmq.NOBLOCK)

@@ -4,6 +4,10 @@ Each port has two topics. `node/port` carries payloads inline (TCP, for other ma
 `@node/port` is for subscribers on the publisher's own machine and carries large arrays as a
 reference to a shared-memory slot (written once, read in place). The publisher sends on a
 topic only while someone subscribes to it, so a node never pays for a path nobody uses.
+
+In a cluster both ends take the session's `DataSecurity`: the publisher lets in only members
+(Curve, encrypted; or PLAIN with the session's password when the recipe says `encrypt_data:
+false`), so a stranger can neither read a stream nor send the subscriptions that steer it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import zmq
 from cpcli.errors import TransportError
 from cpcli.node import Sample
 from cpcli.transport import preview, shm
+from cpcli.transport.curve import DataSecurity, Gatekeeper
 from cpcli.transport.protocol import (
     KIND_ARRAY,
     KIND_END,
@@ -63,18 +68,29 @@ class Publisher:
     """A node's one XPUB socket: publishes every output port and sees who subscribes."""
 
     def __init__(self, context: zmq.Context[Any], node_id: str, ports: Sequence[str], host: str = "127.0.0.1",
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, security: DataSecurity | None = None) -> None:
+        """`security`: who may subscribe (None: anyone who reaches `host`, for loopback-only sessions).
+
+        A secured publisher runs the gatekeeper of `context`, so a context holds at most one.
+        """
+        self._log = logger or logging.getLogger("cpcli.pubsub")
+        self._gatekeeper: Gatekeeper | None = None
+        if security is not None and not security.credentials.insecure:
+            self._gatekeeper = _start_gatekeeper(context, security, self._log, node_id)
         self._socket: zmq.Socket[Any] = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscribe, so we can count peers
         try:
+            if security is not None:
+                security.serve(self._socket)  # before the bind, like every socket option
             port = self._socket.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as err:
             self._socket.close()
+            if self._gatekeeper is not None:
+                self._gatekeeper.close()
             raise TransportError(f"cannot bind a data socket on {host} ({err})") from err
         self.endpoint = f"tcp://{host}:{port}"
-        self._log = logger or logging.getLogger("cpcli.pubsub")
         self._topics = {p: topic_for(node_id, p) for p in ports}
         self._local_topics = {p: LOCAL_MARK + t for p, t in self._topics.items()}
         self._preview_topics = {p: preview.preview_topic(t) for p, t in self._topics.items()}
@@ -195,6 +211,9 @@ class Publisher:
         """Close; `linger_ms` lets what is still queued leave first (a normal end), bounded;
         `keep_pool` leaves the shared memory for `close_pool()` once those messages are out."""
         self._socket.close(linger=linger_ms)
+        if self._gatekeeper is not None:  # after the socket: no handshake is left waiting on it
+            self._gatekeeper.close()
+            self._gatekeeper = None
         if not keep_pool:
             self.close_pool()
 
@@ -204,15 +223,30 @@ class Publisher:
             self._pool = None
 
 
+def _start_gatekeeper(context: zmq.Context[Any], security: DataSecurity, logger: logging.Logger,
+                      node_id: str) -> Gatekeeper:
+    # Before the bind: libzmq admits everyone while no ZAP handler listens in the context.
+    try:
+        gatekeeper = Gatekeeper(context, lambda: security.credentials, security.passwords, logger,
+                                what=f"node {node_id}")
+    except zmq.ZMQError as err:  # EADDRINUSE: this context already has a gatekeeper
+        raise TransportError(f"node {node_id}: cannot start the gatekeeper of its data socket ({err})",
+                             hint="a ZeroMQ context holds one secured publisher; give each its own context") \
+            from err
+    return gatekeeper.start()
+
+
 class Subscriber:
     """One input of a node: a SUB socket on the upstream node's topic, counting gaps.
 
     With `shared_memory` (prefix, reader index) it takes the same-host variant of the topic and
-    holds each shared-memory sample until `release(seq)`.
+    holds each shared-memory sample until `release(seq)`. `security` must match the publisher's
+    (a mismatch is refused at the handshake: nothing arrives, the publisher never sees us subscribe).
     """
 
     def __init__(self, context: zmq.Context[Any], key: str, endpoint: str, topic: bytes,
-                 logger: logging.Logger, shared_memory: tuple[str, int | None] | None = None) -> None:
+                 logger: logging.Logger, shared_memory: tuple[str, int | None] | None = None,
+                 security: DataSecurity | None = None) -> None:
         self.key = key
         self.source, _, self.port = topic.decode().partition("/")
         self._log = logger
@@ -225,6 +259,8 @@ class Subscriber:
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
         self._socket.setsockopt(zmq.SUBSCRIBE, topic)
+        if security is not None:
+            security.connect_to(self._socket)
         self._socket.connect(endpoint)
         self.received = 0
         self._dropped_on_wire = 0
