@@ -7,6 +7,7 @@ Run as root, as a plain script (not a pytest test):
     python benchmarks/clock.py --busy-threads  # + 60 s with a busy Python thread in every clock process: ~3 min 25 s
     python benchmarks/clock.py --duration 20   # shorter windows (smoke run)
     python benchmarks/clock.py --keyed         # probes and answers carrying the MAC of a cluster with keys
+    python benchmarks/clock.py --mac-both      # each window twice, unkeyed then keyed, in the same lab (issue 8)
     python benchmarks/clock.py --json
 
 The lab is `tests/lab.py`'s `Lab`: three network namespaces on one bridge (198.18.0.1-3/24), nothing
@@ -500,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each run, wait up to S seconds for the machine to be under 20%% busy")
     parser.add_argument("--keyed", action="store_true", help="probes and answers carry the cluster's MAC "
                         "(blake2b), as a cluster with keys sends them; without: the --insecure format")
+    parser.add_argument("--mac-both", action="store_true", help="run every window twice, without and with the MAC, "
+                        "one after the other in the same lab (what keys cost the alignment)")
     parser.add_argument("--json", action="store_true")
     # the processes inside the lab
     parser.add_argument("--role", choices=("server", "client", "hog"), help=argparse.SUPPRESS)
@@ -531,20 +534,27 @@ def main(argv: list[str] | None = None) -> int:
     code = code_version()
     started = time.monotonic()
     phases: list[Phase] = []
+    keys: list[tuple[str, bytes | None]] = [("", key)]
+    if args.mac_both:
+        keys = [(" (no MAC)", None), (" (keyed MAC)", secrets.token_bytes(32))]
     with Lab(hosts=3) as lab:
         c.log(f"lab of 3 hosts built in {lab.build_s:.1f} s")
-        quiet(args.wait_quiet)
-        c.log(f"quiet run: {args.duration:g} s ...")
-        phases.append(run_phase(lab, "quiet", args.duration, SAMPLE_MS, key=key))
+        for label, phase_key in keys:
+            quiet(args.wait_quiet)
+            c.log(f"quiet run{label}: {args.duration:g} s ...")
+            phases.append(run_phase(lab, f"quiet{label}", args.duration, SAMPLE_MS, key=phase_key))
         if not args.no_hog:
-            quiet(args.wait_quiet)
-            c.log(f"loaded run ({args.hog_procs} busy loops in host 1): {args.duration:g} s ...")
-            phases.append(run_phase(lab, f"{args.hog_procs} CPU hogs", args.duration, SAMPLE_MS, args.hog_procs,
-                                    key=key))
+            for label, phase_key in keys:
+                quiet(args.wait_quiet)
+                c.log(f"loaded run{label} ({args.hog_procs} busy loops in host 1): {args.duration:g} s ...")
+                phases.append(run_phase(lab, f"{args.hog_procs} CPU hogs{label}", args.duration, SAMPLE_MS,
+                                        args.hog_procs, key=phase_key))
         if args.busy_threads:
-            quiet(args.wait_quiet)
-            c.log(f"busy-thread run (GIL contention in every clock process): {args.duration:g} s ...")
-            phases.append(run_phase(lab, "busy threads", args.duration, SAMPLE_MS, busy_threads=True, key=key))
+            for label, phase_key in keys:
+                quiet(args.wait_quiet)
+                c.log(f"busy-thread run{label} (GIL contention in every clock process): {args.duration:g} s ...")
+                phases.append(run_phase(lab, f"busy threads{label}", args.duration, SAMPLE_MS, busy_threads=True,
+                                        key=phase_key))
     cleanup = f"lab torn down in {lab.teardown_s:.1f} s (namespaces deleted, none left in `ip netns list`)"
     c.log(cleanup)
     replays = {} if args.drift_ppm == 0 else {
