@@ -560,7 +560,7 @@ def _state(proc: subprocess.Popen[bytes]) -> str:
 def _said(log: Path) -> str:
     """The tracebacks in a log, else its last lines."""
     text = log.read_text(errors="replace")
-    tracebacks = re.findall(r"^(?:Exception in thread.*\n)?Traceback.*?^\S.*$", text, re.M | re.S)
+    tracebacks = re.findall(r"^(?:Exception in thread[^\n]*\n)?Traceback.*?^\S[^\n]*$", text, re.M | re.S)
     return "\n".join(tracebacks)[-6000:] if tracebacks else text[-3000:]
 
 
