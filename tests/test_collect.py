@@ -296,3 +296,168 @@ def test_a_part_listing_paths_outside_the_folder_is_refused_and_the_rest_collect
     assert part.status == "incomplete"
     assert (out / entry["path"]).read_bytes() == good.read_bytes() and seen[-1] >= entry["bytes"]
     assert not (tmp_path / "out" / "escape").exists() and not (tmp_path / "up").exists()
+
+
+# -- --delete-remote ----------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under folder (relative path: sha256)."""
+    return {p.relative_to(folder).as_posix(): _sha(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def _wait_ready(cluster: ClusterLab, address: str, worker: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # bounded by timeout_s
+        if {w["name"]: w["state"] for w in cluster.status(1, address)["workers"]}.get(worker) == "ready":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{worker} not ready within {timeout_s:g} s")
+
+
+def test_delete_remote_asks_first_and_deletes_a_part_only_once_all_of_it_is_verified(
+        lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    out = tmp_path / "out"
+    sources = {w: cluster.data(w) / session for w in ("w2", "w3")}
+    before = {w: _tree(folder) for w, folder in sources.items()}
+    records = _tree(cluster.data("m1") / session)
+    assert {"manifest.json", "recipe.yaml", "events.jsonl"} <= records.keys()
+
+    # no terminal to ask on and no --yes: refused before anything is collected or deleted
+    done = cluster.cp(1, "collect", session, "--out", str(out), "--delete-remote", "--manager", address)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--yes" in done.stderr and not out.exists()
+    assert {w: _tree(folder) for w, folder in sources.items()} == before
+
+    # a file changed on w2 after its record was written: w2's part is kept, w3's deleted
+    victim = sources["w2"] / "w2" / "cam" / "video.timestamps.csv"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-2] + bytes([good[-2] ^ 0x01]) + good[-1:])
+    code, result, err = _collect(cluster, address, out, session, "--delete-remote", "--yes")
+    assert code == 1, (result, err)
+    w2, w3 = result["parts"]["w2"], result["parts"]["w3"]
+    assert w2["status"] == "incomplete" and not w2["remote_deleted"] and "not verified" in w2["kept"]
+    assert _tree(sources["w2"]).keys() == before["w2"].keys() and victim.exists()
+    assert w3["status"] == "complete" and w3["remote_deleted"] and w3["deleted"]["files"] == len(before["w3"])
+    assert not sources["w3"].exists()  # its part, its logs, then the emptied session folder
+    from_ = json.loads((out / session / "manifest.json").read_text())["collected"]["from"]
+    assert (from_["w2"]["remote_deleted"], from_["w3"]["remote_deleted"]) == (False, True)
+
+    # put right on w2: the next run collects and deletes it, and checks w3's part against the copy here
+    victim.write_bytes(good)
+    code, result, err = _collect(cluster, address, out, session, "--delete-remote", "--yes")
+    assert code == 0, (result, err)
+    assert result["parts"]["w2"]["remote_deleted"] and result["parts"]["w3"]["remote_deleted"]
+    assert result["parts"]["w3"]["status"] == "complete" and result["parts"]["w3"]["transferred_bytes"] == 0
+    assert not sources["w2"].exists() and not sources["w3"].exists()
+    assert _tree(cluster.data("m1") / session) == records  # the manager's records are never deleted
+    folder = out / session
+    for worker, files in before.items():
+        assert {rel: _sha(folder / rel) for rel in files} == files, worker
+    collected = json.loads((folder / "manifest.json").read_text())["collected"]
+    assert collected["complete"] and all(collected["from"][w]["remote_deleted"] for w in ("w2", "w3"))
+    assert not list(folder.glob(".cp-collect-probe-*"))
+    inspect = cluster.cp(1, "inspect", str(folder))
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    human = cluster.cp(1, "collect", session, "--out", str(out), "--manager", address)
+    assert human.returncode == 0, human.stderr
+    assert "w2: its copy was already gone from the worker" in human.stdout
+
+
+def test_delete_remote_keeps_an_unreachable_workers_part_until_a_later_run_verifies_it(
+        lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    out = tmp_path / "out"
+    sources = {w: cluster.data(w) / session for w in ("w2", "w3")}
+    before = {w: _tree(folder) for w, folder in sources.items()}
+    lab.link_down(3)
+    code, result, err = _collect(cluster, address, out, session, "--delete-remote", "--yes")
+    assert code == 1, (result, err)
+    assert result["parts"]["w2"]["remote_deleted"] and not sources["w2"].exists()
+    w3 = result["parts"]["w3"]
+    assert w3["status"] == "unreachable" and not w3["remote_deleted"] and "not verified" in w3["kept"]
+    assert _tree(sources["w3"]) == before["w3"]
+
+    lab.link_up(3)
+    _wait_ready(cluster, address, "w3", 30)
+    code, again, err = _collect(cluster, address, out, session, "--delete-remote", "--yes")
+    assert code == 0, (again, err)
+    assert again["parts"]["w3"]["remote_deleted"] and not sources["w3"].exists()
+    assert again["parts"]["w2"]["status"] == "complete" and again["parts"]["w2"]["remote_deleted"]
+    for worker, files in before.items():
+        assert {rel: _sha(out / session / rel) for rel in files} == files, worker
+    assert json.loads((out / session / "manifest.json").read_text())["collected"]["complete"]
+
+
+def test_archive_server_deletes_a_part_only_when_told_exactly_what_it_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    session = data / "s1"
+    (session / "w9" / "cam").mkdir(parents=True)
+    (session / "w8").mkdir()
+    (session / "logs").mkdir()
+    csv = session / "w9" / "cam" / "video.timestamps.csv"
+    csv.write_bytes(b"index,t_ns\n0,0\n")
+    (session / "logs" / "cam.log").write_text("started\n")
+    (session / "w8" / "other.csv").write_text("another worker's\n")
+    (session / "manifest.json").write_text("{}")  # the manager's record, on a machine running both
+    (tmp_path / "secret.txt").write_text("not yours")
+    (session / "w9" / "cam" / "link.csv").symlink_to(tmp_path / "secret.txt")  # never listed, never followed
+    (session / "w9" / "alias").symlink_to(session / "w9" / "cam")
+    entry = {"path": "w9/cam/video.timestamps.csv", "kind": "timestamps", "bytes": 16, "sha256": _sha(csv)}
+    aliased = dict(entry, path="w9/alias/video.timestamps.csv")  # the same file, through a symlinked folder
+
+    def record(phase: str, *files: dict[str, Any]) -> None:
+        (session / "w9" / "worker.json").write_text(json.dumps({"worker": "w9", "phase": phase,
+                                                                "nodes": {"cam": {"files": list(files)}}}))
+
+    member = _member(tmp_path, monkeypatch)
+    context: zmq.Context[Any] = zmq.Context()
+    probe = ".cp-collect-probe-" + "0" * 32
+    with ArchiveServer(data, "127.0.0.1", "w9", None, lambda: member) as server, \
+            ArchiveServer(data, "127.0.0.1", None, None, lambda: member) as manager:
+        link = ArchiveLink(context, server.address, 3.0, member)
+        to_manager = ArchiveLink(context, manager.address, 3.0, member)
+        try:
+            def listing() -> dict[str, str]:
+                files = link.request(m.PART, {"session": "s1"}, m.PART_REPLY)["files"]
+                return {f["path"]: f["sha256"] for f in files}
+
+            record("running", entry)
+            with pytest.raises(Refused, match="has not finished"):
+                link.delete("s1", listing(), probe, 0)
+            record("finished", entry, aliased)
+            with pytest.raises(Refused, match="through a symlink"):
+                link.delete("s1", listing(), probe, 0)
+            record("finished", entry)
+            held = listing()
+            assert set(held) == {entry["path"], "w9/worker.json", "logs/cam.log"}
+            hostile = [dict(held, **{entry["path"]: "0" * 64}),  # a wrong sha256
+                       {k: v for k, v in held.items() if k != "logs/cam.log"},  # a file short
+                       dict(held, **{"w9/cam/more.csv": "0" * 64}),  # a file too many
+                       {"../escape": "0" * 64, **held}]
+            for wrong in hostile:
+                with pytest.raises(Refused, match="not what was verified"):
+                    link.delete("s1", wrong, probe, 0)
+            with pytest.raises(Refused, match="not a probe name"):
+                link.delete("s1", held, "../manifest.json", 0)
+            (session / probe).touch()  # the client collected into this very folder
+            with pytest.raises(Refused, match="own folder"):
+                link.delete("s1", held, probe, 0)
+            (session / probe).unlink()
+            with pytest.raises(Refused, match="never deleted"):
+                to_manager.delete("s1", {"manifest.json": _sha(session / "manifest.json")}, probe, 0)
+            assert csv.exists() and (session / "logs" / "cam.log").exists()
+
+            size = sum((session / path).stat().st_size for path in held)
+            done = link.delete("s1", held, probe, 0)
+            assert (done["files"], done["bytes"], done["kept"]) == (3, size, 2)  # the two symlinks stay
+            assert not csv.exists() and not (session / "w9" / "worker.json").exists()
+            assert not (session / "logs").exists()
+            assert (session / "w9" / "cam" / "link.csv").is_symlink() and (tmp_path / "secret.txt").exists()
+            assert (session / "manifest.json").exists() and (session / "w8" / "other.csv").exists()
+        finally:
+            link.close()
+            to_manager.close()
+    context.term()

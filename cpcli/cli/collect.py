@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from cpcli.cli.cluster import timing_from_env, token_option
 from cpcli.cli.output import err_console, out_console
-from cpcli.cluster.collect import Collector, CollectResult
+from cpcli.cluster.collect import MANAGER, Collector, CollectResult, DeletePlan
 from cpcli.cluster.locate import locate
 from cpcli.errors import CpError
 
@@ -30,12 +31,20 @@ def collect_command(
     only: list[str] = typer.Option([], "--from", help="Collect only this worker's part; repeatable."),
     listing: bool = typer.Option(False, "--list", help="List the sessions the cluster knows, and stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, for scripts."),
+    delete_remote: bool = typer.Option(False, "--delete-remote", help="Then delete each worker's copy of its part, "
+                                       "once every file of that part is verified here (asks first)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete with --delete-remote without asking."),
     manager: str = typer.Option(None, "--manager", help="HOST:PORT of the manager (default: find it)."),
     interface: str = typer.Option(None, "--interface", help="IPv4 address to search for the manager on."),
     cluster: str = typer.Option(None, "--cluster", help="The cluster, when several managers answer."),
     token: str = token_option(),
 ) -> int:
     """Gather a session from every worker into DIR/<session>/, checking every file's sha256; resumable."""
+    if delete_remote and listing:
+        raise typer.BadParameter("--delete-remote does not go with --list", param_hint="--delete-remote")
+    if delete_remote and not yes and not sys.stdin.isatty():  # before anything moves, let alone goes
+        raise CpError("--delete-remote asks before deleting the workers' copies, and there is no terminal to ask on",
+                      hint="pass --yes to delete each verified part without asking")
     timing = timing_from_env()
     ref = locate(manager, interface, cluster, timing.discovery_s, required=True)
     assert ref is not None
@@ -49,16 +58,22 @@ def collect_command(
             else:
                 out_console.print(_sessions_table(sessions))
             return 0
-        result = collector.collect(session)
+        result = collector.collect(session, delete_remote, None if yes else bars.ask)
     if as_json:
         out_console.print_json(json.dumps(_result_dict(result)))
-        return 0 if result.complete else 1
+        return 0 if result.complete and not result.undeleted else 1
     done = sum(len(p.verified) for p in result.parts.values())
     out_console.print(f"session {result.session}: {done} files verified in {result.folder} "
                       f"({result.transferred_bytes / 1e6:.1f} MB transferred)", markup=False)
+    for part in result.parts.values():
+        if part.gone or delete_remote and part.owner != MANAGER:
+            out_console.print(part.remote_summary(), markup=False)
     if not result.complete:
         lines = [p.summary() for p in result.parts.values() if p.status != "complete"]
         raise CpError("; ".join(lines), hint=f"run `cp collect {result.session}` again when it is back")
+    if result.undeleted:
+        raise CpError("; ".join(p.remote_summary() for p in result.undeleted),
+                      hint=f"run `cp collect {result.session} --delete-remote` again")
     return 0
 
 
@@ -91,7 +106,14 @@ class _Bars:
         self._totals: dict[str, int] = {}
         self._overall = self._progress.add_task("all", total=0)
 
+    def ask(self, plan: DeletePlan) -> bool:
+        """--delete-remote's question, on the terminal; asked before any bar is drawn."""
+        size = f"{plan.bytes / 1e9:.1f} GB" if plan.bytes >= 1e8 else f"{plan.bytes / 1e6:.1f} MB"
+        return typer.confirm(f"Delete {plan.files} files ({size}) of session {plan.session} from workers "
+                             f"{', '.join(plan.workers)} after verifying them here?", default=False, err=True)
+
     def update(self, part: str, done: int, total: int) -> None:
+        self._progress.start()  # at the first bytes, after the question: a no-op once started (under a lock)
         if part not in self._tasks:
             self._tasks[part] = self._progress.add_task(part, total=total)
         self._done[part], self._totals[part] = done, total
@@ -99,7 +121,6 @@ class _Bars:
         self._progress.update(self._overall, completed=sum(self._done.values()), total=sum(self._totals.values()))
 
     def __enter__(self) -> _Bars:
-        self._progress.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:

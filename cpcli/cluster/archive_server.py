@@ -8,10 +8,15 @@ refused, and nothing outside the data folder is ever read. The client sets the p
 answers one FETCH, so the number of chunks in flight is the client's credit. Only members connect
 (the member key, checked by the Router's gatekeeper); when the keys change (a rotation, a new
 token saved) the server listens again with the new ones, cutting every connection made before.
+
+A worker deletes its part of a finished session (DELETE_PART) only when the client names exactly
+the part it holds now, every path with the sha256 the server holds for it; the manager's records
+are never deleted. Nothing is deleted through a symlink, and every path is checked before any goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,6 +44,8 @@ NODE_RECORD = "node.json"
 MANAGER_FILES = ("manifest.json", "recipe.yaml", "events.jsonl", "session.json")  # the manager's record
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PROBE_RE = re.compile(r"^\.cp-collect-probe-[0-9a-f]{32}$")  # the client's marker file: a name, never a path
+FINISHED = "finished"  # the phase of a worker's part once its final worker.json is written
 
 
 def unsafe_path(path: str) -> str | None:
@@ -51,6 +58,12 @@ def unsafe_path(path: str) -> str | None:
     if any(part in ("..", ".", "") for part in path.split("/")):
         return "has '..' or an empty part"
     return None
+
+
+def listing_digest(files: dict[str, str]) -> str:
+    """One sha256 naming a part's exact listing (each path with its file's sha256), in any order."""
+    canonical = json.dumps(sorted(files.items()), separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -163,6 +176,8 @@ class ArchiveServer:
                                                    "files": files, "record": record})
         elif command == m.FETCH:
             self._fetch(peer, body)
+        elif command == m.DELETE_PART:
+            self._router.send(peer, m.DELETED, self._delete_part(body))
         # anything else valid on the control plane is not for us: dropped
 
     def _fetch(self, peer: bytes, body: dict[str, Any]) -> None:
@@ -210,6 +225,51 @@ class ArchiveServer:
         if not real.is_relative_to(session.resolve()) or not real.is_file():
             raise _Refused(f"refused path {path[:200]!r}: it leads outside the session or to no regular file")
         return real
+
+    def _own_file(self, session: Path, path: str) -> Path:
+        """`path` of this part as a regular file reached through no symlink: unlinking it removes that file only."""
+        real = self._file(session, path)
+        target = session / path  # data_dir is resolved and path has no '..': equal unless a symlink is on the way
+        if real != target:
+            raise _Refused(f"refused to delete {path[:200]!r}: it is reached through a symlink")
+        return target
+
+    # -- deleting a part ---------------------------------------------------------------------
+
+    def _delete_part(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Delete this worker's part of a session if it is exactly what the client verified; what went."""
+        if self.worker is None:
+            raise _Refused("the manager's session records are never deleted")
+        session = self._session_dir(str(body["session"]))
+        probe = str(body["probe"])
+        if not PROBE_RE.match(probe):
+            raise _Refused(f"{probe[:80]!r} is not a probe name")
+        if os.path.lexists(session / probe):  # the client collected into this very folder
+            raise _Refused(f"the collected folder is {self.worker}'s own folder of session {session.name}: "
+                           "deleting this part would delete the collected copy")
+        record = session / self.worker / WORKER_RECORD
+        if record.is_symlink() or _json(record).get("phase") != FINISHED:
+            raise _Refused(f"{self.worker} has not finished session {session.name} (no final {WORKER_RECORD}); "
+                           "it may still be recording")
+        files, _record = self.part(session)
+        held = {str(f.get("path")): str(f.get("sha256")) for f in files}
+        if len(held) != body["count"] or listing_digest(held) != body["listing"]:
+            raise _Refused(f"{self.worker}'s part of session {session.name} is not what was verified "
+                           f"({len(held)} files here, {body['count']} verified): collect it again first")
+        targets = [self._own_file(session, path) for path in sorted(held)]  # all checked before any goes
+        deleted = deleted_bytes = 0
+        for target in targets:
+            try:
+                size = target.lstat().st_size
+                target.unlink()
+            except OSError as err:
+                raise _Refused(f"deleted {deleted} of {len(targets)} files of session {session.name}, then "
+                               f"could not delete {target.relative_to(session)} ({err.strerror})") from err
+            deleted, deleted_bytes = deleted + 1, deleted_bytes + size
+        kept = _prune(session, self.worker)
+        self._log.info("deleted %d files (%d bytes) of session %s, collected and verified elsewhere; %d entries "
+                       "not in the part stayed", deleted, deleted_bytes, session.name, kept)
+        return {"session": session.name, "files": deleted, "bytes": deleted_bytes, "kept": kept}
 
     def sessions(self) -> list[dict[str, Any]]:
         found = []
@@ -286,6 +346,28 @@ class ArchiveServer:
                 if entry is not None:
                     files[rel] = entry
         return list(files.values()), record
+
+
+def _prune(session: Path, worker: str) -> int:
+    """Remove the empty folders a deleted part leaves (and the session's, if empty); the entries that stay."""
+    part = session / worker
+    kept = 0
+    for root, dirs, names in os.walk(part, topdown=False):  # bottom up, never into a symlinked folder
+        kept += len(names)
+        for name in dirs:
+            if (Path(root) / name).is_symlink():
+                kept += 1
+            else:
+                _rmdir(Path(root) / name)
+    for folder in (part, session / "logs", session):
+        _rmdir(folder)
+    return kept
+
+
+def _rmdir(folder: Path) -> None:
+    """Remove `folder` if it is an empty folder (rmdir(2) refuses a full one, and a symlink)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _tree_bytes(folder: Path) -> int:

@@ -7,30 +7,44 @@ be collected (a worker offline, a link cut) is listed in the merged manifest and
 continues it: verified files are skipped, partial ones continue from their size. Every request
 holds this machine's credentials of the cluster; an archive server refusing them is reported with
 the part it holds.
+
+With `delete_remote`, each worker whose whole part is verified here is then asked to delete its
+copy (the merged manifest is written, and the folders synced, first); the worker checks the listing
+against its own. A later run checks a deleted part against the copy here instead of its worker.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
+import secrets
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from cpcli.archive.files import sha256_file
 from cpcli.archive.manifest import write_json_atomically
 from cpcli.cluster import messages as m
-from cpcli.cluster.archive_server import SESSION_NAME_RE, unsafe_path
+from cpcli.cluster.archive_server import SESSION_NAME_RE
 from cpcli.cluster.client import cluster_status
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.cluster.transfer import PART_SUFFIX, ArchiveLink, NotMemberError, Refused, Unreachable
+from cpcli.cluster.transfer import (
+    DECLINED,
+    PART_SUFFIX,
+    ArchiveLink,
+    NotMemberError,
+    PartReport,
+    Progress,
+    Refused,
+    Unreachable,
+    delete_part,
+    pull_part,
+    verify_here,
+)
 from cpcli.errors import ArchiveError, CpError, PeerLostError
 from cpcli.transport.curve import Credentials
 
@@ -39,35 +53,17 @@ MANAGER = "manager"  # the manager's record in reports (worker names cannot coll
 IO_THREADS = 2  # one ZeroMQ I/O thread cannot take in several workers' streams at LAN speed
 JOIN_TIMEOUT_S = 3600.0  # a part's thread ends by itself (every wait in it is bounded); this only caps a hang
 
-Progress = Callable[[str, int, int], None]  # (part, bytes done, bytes total)
+@dataclass(frozen=True)
+class DeletePlan:
+    """What --delete-remote would delete once verified: the question asked before collecting."""
+
+    session: str
+    workers: list[str]
+    files: int
+    bytes: int
 
 
-@dataclass
-class PartReport:
-    """One machine's part: what was verified, what is missing or mismatched, and why."""
-
-    owner: str
-    address: str | None
-    status: str = "pending"  # complete | incomplete | unreachable
-    verified: list[dict[str, Any]] = field(default_factory=list)
-    missing: list[dict[str, Any]] = field(default_factory=list)
-    mismatched: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-    transferred_bytes: int = 0
-    files: list[dict[str, Any]] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"address": self.address, "status": self.status, "error": self.error,
-                "verified_files": len(self.verified), "verified_bytes": sum(f["bytes"] for f in self.verified),
-                "missing": self.missing, "mismatched": self.mismatched, "transferred_bytes": self.transferred_bytes}
-
-    def summary(self) -> str:
-        lost = self.missing + self.mismatched
-        size = sum(int(f.get("bytes") or 0) for f in lost)
-        why = f" ({self.error})" if self.error else ""
-        mismatched = f", {len(self.mismatched)} mismatched" if self.mismatched else ""
-        return f"{self.owner} {self.status}{why}: {len(lost)} files, {size / 1e6:.1f} MB not collected{mismatched}"
+Confirm = Callable[[DeletePlan], bool]
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,11 @@ class CollectResult:
     parts: dict[str, PartReport]
     transferred_bytes: int
     manifest: dict[str, Any]
+
+    @property
+    def undeleted(self) -> list[PartReport]:
+        """Parts verified here whose worker's copy --delete-remote (confirmed) could not delete."""
+        return [p for p in self.parts.values() if p.status == "complete" and p.kept not in (None, DECLINED)]
 
 
 class Collector:
@@ -118,7 +119,12 @@ class Collector:
             s["collected"] = _collected(self.out_dir / str(s["name"]))
         return sorted(sessions, key=lambda s: (str(s.get("start_utc") or ""), str(s["name"])))
 
-    def collect(self, session: str | None) -> CollectResult:
+    def collect(self, session: str | None, delete_remote: bool = False,
+                confirm: Confirm | None = None) -> CollectResult:
+        """Collect a session (None: the latest); `delete_remote`: then delete each worker's copy verified here.
+
+        `confirm` is asked once, before anything moves, whether to delete (None: without asking).
+        """
         if session is None:
             listed = self.sessions()
             if not listed:
@@ -136,17 +142,24 @@ class Collector:
         if not manifest:
             raise CpError(f"session {session} has no manifest yet (still running?)",
                           hint="collect it once it has ended")
+        own = [f for f in manager_part["files"] if isinstance(f, dict) and f.get("path") != "manifest.json"]
+        manager = PartReport(MANAGER, self._manager.address, files=own)  # manifest.json: written merged
+        return self._gather(session, manifest, manager, delete_remote, confirm)
+
+    def _gather(self, session: str, manifest: dict[str, Any], manager: PartReport, delete_remote: bool,
+                confirm: Confirm | None) -> CollectResult:
         root = self.out_dir / session
         names = sorted(dict(manifest.get("workers") or {}))
         unknown = sorted(set(self.only) - set(names))
         if unknown:
             raise CpError(f"{', '.join(unknown)} recorded nothing in session {session}",
                           hint=f"its workers are {', '.join(names)}")
-        chosen = [n for n in names if not self.only or n in self.only]
-        own = [f for f in manager_part["files"] if isinstance(f, dict) and f.get("path") != "manifest.json"]
-        manager = PartReport(MANAGER, self._manager.address, files=own)  # manifest.json: written merged
-        parts = {name: self._part(session, name, manifest) for name in chosen}
-        _check_disk(root, [manager, *parts.values()])
+        earlier = _earlier(root)
+        # a part deleted from its worker is checked here in every run: the manifest must not forget it
+        chosen = [n for n in names if not self.only or n in self.only or earlier.get(n, {}).get("remote_deleted")]
+        parts = {name: self._part(session, name, manifest, earlier.get(name)) for name in chosen}
+        _check_disk(root, [manager, *(p for p in parts.values() if not p.gone)])
+        deleting = delete_remote and _confirmed(session, parts, confirm)
         root.mkdir(parents=True, exist_ok=True)
         threads = [threading.Thread(target=self._pull, args=(session, root, part), name=f"collect-{name}",
                                     daemon=True) for name, part in parts.items() if part.status == "pending"]
@@ -156,16 +169,26 @@ class Collector:
         for thread in threads:
             thread.join(JOIN_TIMEOUT_S)
         merged = _merged(manifest, manager, parts, self.only)
-        write_json_atomically(root / "manifest.json", merged)
+        write_json_atomically(root / "manifest.json", merged)  # before any worker's copy goes
+        if deleting:
+            self._delete_remote(session, root, parts)
+            merged = _merged(manifest, manager, parts, self.only)
+            write_json_atomically(root / "manifest.json", merged)
         every = [manager, *parts.values()]
         return CollectResult(session, root, all(p.status == "complete" for p in every), {p.owner: p for p in every},
                              sum(p.transferred_bytes for p in every), merged)
 
-    def _part(self, session: str, name: str, manifest: dict[str, Any]) -> PartReport:
-        """Ask a worker for its part; an unreachable one is reported with what the manager knows it holds."""
+    def _part(self, session: str, name: str, manifest: dict[str, Any], earlier: dict[str, Any] | None) -> PartReport:
+        """Ask a worker for its part; an unreachable one is reported with what the manager knows it holds.
+
+        `earlier`: the worker's entry in an earlier run's manifest here; a part deleted from its
+        worker since is checked against the copy here.
+        """
         worker = next((w for w in self._status["workers"] if w.get("name") == name), None)
         address = worker.get("archive") if worker else None
         part = PartReport(name, address if isinstance(address, str) else None)
+        if earlier and earlier["files"] and earlier.get("remote_deleted"):
+            return _gone(part, earlier)
         expected = _expected(manifest, name)
         if part.address is None or worker is None or worker.get("state") == "lost":
             part.status, part.error = "unreachable", "not connected to the manager"
@@ -177,6 +200,8 @@ class Collector:
             part.files = [f for f in reply["files"] if isinstance(f, dict)]
             part.record = dict(reply["record"])
         except (Unreachable, Refused, NotMemberError) as err:
+            if isinstance(err, Refused) and earlier and earlier["files"] and earlier.get("status") == "complete":
+                return _gone(part, earlier)  # its copy went after it was verified here (a lost DELETED answer)
             part.status, part.error = "incomplete" if isinstance(err, Refused) else "unreachable", str(err)
             part.missing = [dict(f, reason=str(err)) for f in expected]
         finally:
@@ -184,6 +209,9 @@ class Collector:
         return part
 
     def _pull(self, session: str, root: Path, part: PartReport) -> None:
+        if part.gone:
+            verify_here(root, part, self._on_progress)
+            return
         assert part.address is not None
         link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s, self.credentials)
         try:
@@ -193,81 +221,51 @@ class Collector:
         finally:
             link.close()
 
-
-def pull_part(link: ArchiveLink, session: str, root: Path, part: PartReport, on_progress: Progress) -> None:
-    """Pull every file of `part.files` into `root`, verified; what fails goes into the report, not raised."""
-    total = sum(int(f.get("bytes") or 0) for f in part.files)
-    done = 0
-    start = link.received_bytes
-    on_progress(part.owner, 0, total)
-    for index, entry in enumerate(part.files):
-        path, size, sha256 = str(entry.get("path")), int(entry.get("bytes") or 0), str(entry.get("sha256"))
+    def _delete_remote(self, session: str, root: Path, parts: dict[str, PartReport]) -> None:
+        """Ask each worker whose whole part is verified here to delete its copy; the reports say what happened."""
+        probe = root / f".cp-collect-probe-{secrets.token_hex(16)}"  # a worker that sees it holds this very folder
+        probe.touch()
         try:
-            dest = _destination(root, path)
-        except ArchiveError as err:
-            part.missing.append(dict(entry, reason=err.message))
-            continue
-
-        def moved(n: int) -> None:
-            nonlocal done
-            done += n
-            on_progress(part.owner, done, total)
-
-        try:
-            outcome = _pull_file(link, session, path, size, sha256, dest, moved)
-        except (Unreachable, NotMemberError) as err:  # nothing more comes from that server
-            part.status, part.error = "unreachable", str(err)
-            part.missing.extend(dict(f, reason="unreachable") for f in part.files[index:])
-            break
-        except Refused as err:
-            part.missing.append(dict(entry, reason=str(err)))
-            continue
-        except OSError as err:  # this machine's disk: a full one stops the part, the .part stays for a resume
-            part.missing.append(dict(entry, reason=f"cannot write {dest} ({err.strerror})"))
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                part.error = f"the disk of {root} is full"
-                part.missing.extend(dict(f, reason="disk full") for f in part.files[index + 1:])
-                break
-            continue
+            for part in parts.values():
+                if part.gone:
+                    continue
+                if part.status != "complete" or part.address is None:
+                    lost = len(part.missing) + len(part.mismatched)
+                    part.kept = f"{lost} of its files are not verified here ({part.status})"
+                    continue
+                self._delete_part(session, root, part, probe.name)
         finally:
-            part.transferred_bytes = link.received_bytes - start
-        record = {"path": path, "bytes": size, "sha256": sha256}
-        (part.verified if outcome else part.mismatched).append(record)
-        done = sum(int(f["bytes"]) for f in part.verified + part.mismatched)
-        on_progress(part.owner, done, total)
-    if part.status == "pending":
-        part.status = "complete" if not part.missing and not part.mismatched else "incomplete"
+            probe.unlink(missing_ok=True)
+
+    def _delete_part(self, session: str, root: Path, part: PartReport, probe: str) -> None:
+        assert part.address is not None
+        link = ArchiveLink(self._context, part.address, self.timing.answer_timeout_s, self.credentials)
+        try:
+            delete_part(link, session, root, part, probe)
+        finally:
+            link.close()
 
 
-def _pull_file(link: ArchiveLink, session: str, path: str, size: int, sha256: str, dest: Path,
-               moved: Callable[[int], None]) -> bool:
-    """True once `dest` holds the verified file (already, or fetched); False after two mismatches."""
-    if dest.is_file() and dest.stat().st_size == size and sha256_file(dest)[1] == sha256:
+def _confirmed(session: str, parts: dict[str, PartReport], confirm: Confirm | None) -> bool:
+    """Whether to delete the workers' copies once verified: asked once, with what that would delete."""
+    asked = [p for p in parts.values() if p.status == "pending" and not p.gone]
+    if confirm is None or not asked:
         return True
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + PART_SUFFIX)
-    for _attempt in range(2):
-        got = link.fetch(session, path, size, part, moved)
-        if got == sha256:
-            os.replace(part, dest)
-            return True
-        part.unlink()  # fetched again from the start: a resumed prefix may be what was wrong
+    plan = DeletePlan(session, [p.owner for p in asked], sum(len(p.files) for p in asked),
+                      sum(int(f.get("bytes") or 0) for p in asked for f in p.files))
+    if confirm(plan):
+        return True
+    for part in parts.values():
+        part.kept = None if part.gone else DECLINED
     return False
 
 
-def _destination(root: Path, path: str) -> Path:
-    """Where a recorded path goes: inside root, through no symlink, or ArchiveError."""
-    why = unsafe_path(path)
-    if why is not None:
-        raise ArchiveError(f"refused path {path[:200]!r}: {why}")
-    dest = root / path
-    real_root = root.resolve()
-    parent = dest.parent
-    while not parent.exists() and parent != root:
-        parent = parent.parent
-    if not parent.resolve().is_relative_to(real_root) or dest.is_symlink():
-        raise ArchiveError(f"refused path {path[:200]!r}: it leads outside {root}")
-    return dest
+def _gone(part: PartReport, earlier: dict[str, Any]) -> PartReport:
+    """A part whose worker's copy is gone: to be checked against the files an earlier run verified here."""
+    part.files, part.gone = list(earlier["files"]), True
+    part.deleted = dict(earlier.get("deleted") or {"files": len(part.files), "at_utc": None,
+                                                   "bytes": sum(int(f.get("bytes") or 0) for f in part.files)})
+    return part
 
 
 def _expected(manifest: dict[str, Any], worker: str) -> list[dict[str, Any]]:
@@ -298,12 +296,28 @@ def _check_disk(root: Path, parts: list[PartReport]) -> None:
                            hint="free some space or collect into another folder with --out")
 
 
-def _collected(folder: Path) -> bool:
+def _collected_section(folder: Path) -> dict[str, Any]:
+    """The `collected` section of the manifest an earlier run wrote in folder ({} if none)."""
     try:
         data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return bool(isinstance(data, dict) and dict(data.get("collected") or {}).get("complete"))
+        return {}
+    section = data.get("collected") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _collected(folder: Path) -> bool:
+    return bool(_collected_section(folder).get("complete"))
+
+
+def _earlier(folder: Path) -> dict[str, dict[str, Any]]:
+    """Each worker's entry in an earlier run's manifest here, with `files`: what was verified from it."""
+    section = _collected_section(folder)
+    listed, parts = section.get("verified"), section.get("from")
+    verified = [f for f in listed if isinstance(f, dict)] if isinstance(listed, list) else []
+    return {owner: dict(entry, files=[f for f in verified if f.get("worker") == owner])
+            for owner, entry in (parts.items() if isinstance(parts, dict) else ())
+            if owner != MANAGER and isinstance(entry, dict)}
 
 
 def _merged(manifest: dict[str, Any], manager: PartReport, parts: dict[str, PartReport],
@@ -322,7 +336,7 @@ def _merged(manifest: dict[str, Any], manager: PartReport, parts: dict[str, Part
         "at_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "complete": complete, "only": only or None,
         "from": {p.owner: p.to_dict() for p in every},
-        "verified": [f for p in every for f in p.verified],
+        "verified": [dict(f, worker=p.owner) for p in every for f in p.verified],
         "missing": [dict(f, worker=p.owner) for p in every for f in p.missing],
         "mismatched": [dict(f, worker=p.owner) for p in every for f in p.mismatched],
     }

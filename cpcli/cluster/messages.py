@@ -47,6 +47,8 @@ PART = b"PART"  # this machine's part of a session: its record and every file wi
 PART_REPLY = b"PART_REPLY"
 FETCH = b"FETCH"  # one chunk of one file: (path, offset, size), size at most the server's chunk size
 CHUNK = b"CHUNK"  # its header (path, offset, size), followed by a frame of raw bytes
+DELETE_PART = b"DELETE_PART"  # `cp collect --delete-remote`: delete this worker's part, as verified (see below)
+DELETED = b"DELETED"  # ... done: the files and bytes deleted, and how many entries not in the part stayed
 
 _Fields = dict[str, type | tuple[type, ...]]
 SCHEMAS: dict[bytes, _Fields] = {
@@ -80,6 +82,11 @@ SCHEMAS: dict[bytes, _Fields] = {
     PART_REPLY: {"session": str, "owner": str, "files": list, "record": dict},
     FETCH: {"session": str, "path": str, "offset": int, "size": int},
     CHUNK: {"path": str, "offset": int, "size": int},
+    # count and listing: the part's file count and `archive_server.listing_digest` of its paths and
+    # sha256s as verified by the client (a digest, so a part of 100,000 files fits in one message);
+    # probe: a file the client made in its collected folder, which the server must not see in its own
+    DELETE_PART: {"v": int, "session": str, "count": int, "listing": str, "probe": str},
+    DELETED: {"session": str, "files": int, "bytes": int, "kept": int},
 }
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
