@@ -18,11 +18,12 @@ import typer
 from cpcli.cli.output import err_console, out_console
 from cpcli.cli.status import status_view
 from cpcli.cluster import keys
-from cpcli.cluster.discovery import DEFAULT_CLUSTER, NAME_RE, Advertiser, ManagerAdvert, find_manager, interface_for
+from cpcli.cluster.discovery import DEFAULT_CLUSTER, Advertiser, ManagerAdvert, find_manager, interface_for
 from cpcli.cluster.keys import KeyRing
 from cpcli.cluster.locate import announce_local, forget_record, locate
 from cpcli.cluster.machine import address_towards, default_interface, manager_address
 from cpcli.cluster.manager import Manager, ManagerConfig
+from cpcli.cluster.messages import NAME_RE
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.cluster.worker import WorkerAgent, WorkerConfig
 from cpcli.errors import CpError, PeerLostError, TransportError

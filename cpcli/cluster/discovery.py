@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from zeroconf import (
 )
 from zeroconf import Error as ZeroconfError
 
+from cpcli.cluster.messages import NAME_RE
 from cpcli.errors import PeerLostError, TransportError
 from cpcli.transport.protocol import PROTOCOL_VERSION
 
@@ -46,7 +46,6 @@ RESOLVE_S = 1.0  # SRV, TXT and A normally arrive with the PTR; a responder that
 # port 5353 with SO_REUSEPORT, so a unicast answer lands in any one of them, maybe not the asker.
 QUESTION = DNSQuestionType.QM
 MAX_EVENTS = 1000  # browser events handled per search; a LAN with more cpcli managers is not a lab
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,29}")  # 30 + '@' + 30 + '-N' fit a 63-byte DNS label
 
 log = logging.getLogger(__name__)
 

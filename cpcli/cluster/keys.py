@@ -28,7 +28,7 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
-from cpcli.cluster.discovery import NAME_RE
+from cpcli.cluster.messages import NAME_RE
 from cpcli.errors import AccessError, CpError
 from cpcli.transport.curve import Credentials
 

@@ -8,12 +8,15 @@ checked by `check()`: a malformed message is dropped and logged, never trusted.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from cpcli.errors import TransportError
 from cpcli.transport.protocol import PROTOCOL_VERSION
 
 # worker -> manager
+# Names of managers, workers and clusters: they name folders and mDNS labels (30 + '@' + 30 + '-N' fit 63 bytes)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,29}")
 REGISTER = b"REGISTER"  # name, host, version, node types, devices, resources; sessions it still runs
 BEAT = b"BEAT"  # both ways (and client -> manager): I am alive; a worker adds its resources
 PREPARED = b"PREPARED"  # the worker's nodes are built: where each publisher listens
@@ -135,6 +138,8 @@ def check(command: bytes, body: dict[str, Any]) -> None:
         if not all(_is_number(v) for v in dict(body.get("timing") or {}).values()):
             raise TransportError("RUN field 'timing' holds something other than numbers")
     elif command == REGISTER:
+        if not NAME_RE.fullmatch(body["name"]):  # it becomes a folder name in sessions: no '/', no '..'
+            raise TransportError(f"REGISTER with worker name {body['name'][:40]!r}, which is not a name")
         for report in body["sessions"]:  # what it still runs: STATE reports, taken in as if just sent
             if isinstance(report, dict):
                 try:
