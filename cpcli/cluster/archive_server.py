@@ -36,6 +36,7 @@ from cpcli.errors import TransportError
 from cpcli.transport.curve import Credentials, Gatekeeper
 from cpcli.transport.protocol import pack_object
 
+MAX_OFFSET = 1 << 62  # past any file; larger does not fit a file offset (seek raises)
 CHUNK_BYTES = 1 << 20  # the largest chunk served: bounds memory per request on both ends
 POLL_MS = 100  # the thread's longest sleep: bounds how fast stop() is noticed
 JOIN_TIMEOUT_S = 5.0
@@ -162,6 +163,9 @@ class ArchiveServer:
                         self._answer(peer, command, body)
                     except _Refused as err:
                         self._router.send(peer, m.REFUSED, {"message": str(err)})
+                    except Exception as err:  # noqa: BLE001 - this thread's boundary: one request, not the server
+                        self._log.exception("the archive server could not answer a %s request", command.decode())
+                        self._router.send(peer, m.REFUSED, {"message": f"cannot answer ({type(err).__name__})"})
         finally:
             self._router.close()
             self._context.term()
@@ -182,7 +186,7 @@ class ArchiveServer:
 
     def _fetch(self, peer: bytes, body: dict[str, Any]) -> None:
         path, offset, size = str(body["path"]), int(body["offset"]), int(body["size"])
-        if offset < 0 or not 0 < size <= CHUNK_BYTES:
+        if not 0 <= offset < MAX_OFFSET or not 0 < size <= CHUNK_BYTES:
             raise _Refused(f"chunk {offset}+{size} of {path} is out of bounds (at most {CHUNK_BYTES} bytes)")
         target = self._file(self._session_dir(str(body["session"])), path)
         try:

@@ -176,7 +176,7 @@ class Router:
         """Send to one peer; False when it is not connected (any more) or not reading."""
         try:
             self.socket.send_multipart([peer, command, pack_object(body)], zmq.NOBLOCK)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, TransportError):  # gone, or a value msgpack cannot carry (checked upstream)
             return False
         return True
 
@@ -238,7 +238,7 @@ class Dealer:
         """False when the message cannot leave now (no connection to the manager)."""
         try:
             self.socket.send_multipart([command, pack_object(body)], zmq.NOBLOCK)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, TransportError):  # gone, or a value msgpack cannot carry (checked upstream)
             return False
         return True
 

@@ -244,8 +244,8 @@ class Manager:
                 entry.clock = dict(body["clock"])
             return
         session = self.session
-        if session is None or body.get("session") != session.name:
-            return
+        if session is None or body.get("session") != session.name or entry.name not in session.workers:
+            return  # a worker speaks only for the sessions it has nodes in
         if command == m.PREPARED:
             self._prepared(session, entry.name, body)
         elif command == m.READY:
@@ -278,7 +278,8 @@ class Manager:
         self._by_identity[peer] = name
         known = []
         for report in body["sessions"]:
-            if isinstance(report, dict) and self.session is not None and report.get("session") == self.session.name:
+            if isinstance(report, dict) and self.session is not None and report.get("session") == self.session.name \
+                    and name in self.session.workers:
                 known.append(self.session.name)
                 self._rejoined(self.session, name, report)
         if self.session is not None and self.session.phase in ("running", "stopping") and name in self.session.workers:
@@ -306,7 +307,7 @@ class Manager:
                 else:
                     self.router.send(peer, m.REFUSED, {"message": f"no session {body['session']} on this manager"})
                 return
-            if not secrets.compare_digest(str(body.get("token", "")), session.client_token):
+            if not secrets.compare_digest(str(body.get("token", "")).encode(), session.client_token.encode()):
                 self.router.send(peer, m.REFUSED, {"message": f"session {session.name} belongs to the cp run that "
                                                               "started it", "hint": "follow it with cp status"})
                 return
@@ -405,10 +406,10 @@ class Manager:
         problems = []
         for node in nodes:
             try:
-                plan_from_dict(node)
+                plan = plan_from_dict(node)
             except (KeyError, TypeError, ValueError) as err:
                 raise CpError(f"malformed node in the recipe sent ({type(err).__name__}: {err})") from err
-            unknown = [i[1] for i in node["inputs"] if i[1] not in ids]
+            unknown = [source for _, source, _ in plan.inputs if source not in ids]
             if unknown:
                 raise CpError(f"node {node['id']} of the recipe sent reads from unknown nodes {', '.join(unknown)}")
             worker = node.get("worker") or default
@@ -430,6 +431,10 @@ class Manager:
             raise CpError("; ".join(problems), hint="start `cp worker` on the machines the recipe names, "
                           "or change their `worker:`; `cp status` lists the workers")
         options = dict(body["options"])
+        try:  # it goes into session.json and the manifest: plain JSON only (no bytes, no NaN)
+            json.dumps([nodes, options, body.get("timing"), body.get("session_name"), body["recipe"]], allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise CpError(f"the recipe sent holds data that is not plain JSON ({err})") from err
         on_lost = str(body.get("on_worker_lost") or "continue")
         name = body.get("session_name")
         moment = datetime.now(timezone.utc)

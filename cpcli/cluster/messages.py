@@ -8,6 +8,7 @@ checked by `check()`: a malformed message is dropped and logged, never trusted.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -17,6 +18,9 @@ from cpcli.transport.protocol import PROTOCOL_VERSION
 # worker -> manager
 # Names of managers, workers and clusters: they name folders and mDNS labels (30 + '@' + 30 + '-N' fit 63 bytes)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,29}")
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")  # an IPv4 address or a host name
+HEX_TOKEN_RE = re.compile(r"[0-9a-f]{32}")  # a session's client token (secrets.token_hex(16))
+MAX_CLOCK_VALUE = 2**62  # nanoseconds (146 years) or ppb: anything larger is not a clock's
 REGISTER = b"REGISTER"  # name, host, version, node types, devices, resources; sessions it still runs
 BEAT = b"BEAT"  # both ways (and client -> manager): I am alive; a worker adds its resources
 PREPARED = b"PREPARED"  # the worker's nodes are built: where each publisher listens
@@ -140,14 +144,22 @@ def check(command: bytes, body: dict[str, Any]) -> None:
     elif command == REGISTER:
         if not NAME_RE.fullmatch(body["name"]):  # it becomes a folder name in sessions: no '/', no '..'
             raise TransportError(f"REGISTER with worker name {body['name'][:40]!r}, which is not a name")
+        if not HOST_RE.fullmatch(body["host"]):  # shown, and dialled by cp collect
+            raise TransportError(f"REGISTER with host {body['host'][:40]!r}, which is not an address")
+        port = body.get("archive_port")
+        if port is not None and not 0 < port < 65536:
+            raise TransportError(f"REGISTER with archive port {port}, which is not a TCP port")
         for report in body["sessions"]:  # what it still runs: STATE reports, taken in as if just sent
             if isinstance(report, dict):
                 try:
                     check(STATE, report)
                 except TransportError as err:
                     raise TransportError(f"REGISTER with a malformed session report ({err.message})") from err
-    elif command == BEAT and not all(_is_number(v) for v in dict(body.get("clock") or {}).values()):
-        raise TransportError("BEAT field 'clock' holds something other than numbers")
+    elif command == BEAT and not all(_is_number(v) and math.isfinite(v) and abs(v) < MAX_CLOCK_VALUE
+                                     for v in dict(body.get("clock") or {}).values()):
+        raise TransportError("BEAT field 'clock' holds something other than finite numbers of a clock's size")
+    elif command == ATTACH and not HEX_TOKEN_RE.fullmatch(str(body.get("token") or "0" * 32)):
+        raise TransportError("ATTACH field 'token' is not a session token")
     elif command == MARK and not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float)))
                                      for k, v in body["meta"].items()):
         raise TransportError("MARK field 'meta' holds something other than names and plain values")

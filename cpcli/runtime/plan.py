@@ -64,7 +64,10 @@ def plan_from_dict(data: dict[str, Any], entry_point: str = "") -> NodePlan:
     Ids become folder names and topics on the machine that runs the node, so one that is not a
     recipe id (`../x`, `/etc`) is refused here, whoever sent it.
     """
-    inputs = tuple((str(k), str(s), str(p)) for k, s, p in data["inputs"])
+    if not all(isinstance(i, (list, tuple)) and len(i) == 3 and all(isinstance(x, str) for x in i)
+               for i in data["inputs"]):
+        raise TypeError("inputs are not [key, source, port] lists of names")
+    inputs = tuple((k, s, p) for k, s, p in data["inputs"])
     if not isinstance(data["params"], dict):
         raise TypeError("params is not a mapping")
     for node_id in (data["id"], *(source for _, source, _ in inputs)):

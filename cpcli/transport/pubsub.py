@@ -47,6 +47,7 @@ SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past th
 SHM_MAX_SLOTS = DATA_HWM // 2 - 8
 BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
 LOCAL_MARK = b"@"  # topic prefix of the same-host variant of a port
+MAX_SUBSCRIPTION_BYTES = 1024  # a subscription names one of our topics: far shorter than this
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 
 
@@ -81,6 +82,7 @@ class Publisher:
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._socket.setsockopt(zmq.SNDHWM, DATA_HWM)
         self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscribe, so we can count peers
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)  # a reader only ever subscribes
         try:
             if security is not None:
                 security.serve(self._socket)  # before the bind, like every socket option
@@ -94,6 +96,7 @@ class Publisher:
         self._topics = {p: topic_for(node_id, p) for p in ports}
         self._local_topics = {p: LOCAL_MARK + t for p, t in self._topics.items()}
         self._preview_topics = {p: preview.preview_topic(t) for p, t in self._topics.items()}
+        self._known = {*self._topics.values(), *self._local_topics.values(), *self._preview_topics.values()}
         self._previews: dict[str, preview.PreviewState] = {}
         self.previews_sent = 0
         self._seq = dict.fromkeys(ports, 0)
@@ -117,6 +120,8 @@ class Publisher:
                 msg = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if msg[1:] not in self._known:  # not one of our topics: kept nowhere (a peer cannot grow our memory)
+                continue
             if msg and msg[0] == _SUBSCRIBE:
                 self._subscribers[msg[1:]] = self._subscribers.get(msg[1:], 0) + 1
             elif msg and msg[0] == _UNSUBSCRIBE and msg[1:].startswith(preview.PREVIEW_MARK):
