@@ -350,15 +350,8 @@ def _sessions(data: Path) -> list[str]:
 
 
 def _fire_at_manager(lab: Lab, token: str) -> dict[str, Any]:
-    proc = lab.python(2, MANAGER_GARBAGE, [lab.ip(1), str(PORT), str(PROTOCOL_VERSION)], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True, env=dict(os.environ, CP_TOKEN=token))
-    try:
-        out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate(timeout=5)
-        raise AssertionError(f"the garbage script did not finish:\n{out}\n{err}") from None
-    sent = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    sent = lab.call_python(2, MANAGER_GARBAGE, [lab.ip(1), str(PORT), str(PROTOCOL_VERSION)],
+                           timeout_s=SCRIPT_TIMEOUT_S, env=dict(os.environ, CP_TOKEN=token))
     assert sent.returncode == 0, sent.stderr
     replies: dict[str, Any] = json.loads(sent.stdout)
     # the messages that deserve an answer got the right one

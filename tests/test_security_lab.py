@@ -206,11 +206,10 @@ def test_strangers_are_refused_everywhere_and_the_cluster_keeps_working(lab: Lab
 
 
 def _rogue(lab: Lab, host: int, endpoint: str, archive: str, session: str, token: str) -> dict[str, Any]:
-    proc = lab.python(host, ROGUE, [endpoint, archive, session, "w2"], stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True, env=dict(os.environ, ROGUE_TOKEN=token))
-    out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
-    assert proc.returncode == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
+    done = lab.call_python(host, ROGUE, [endpoint, archive, session, "w2"], timeout_s=SCRIPT_TIMEOUT_S,
+                           env=dict(os.environ, ROGUE_TOKEN=token))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def test_mdns_adverts_carry_names_and_a_key_fingerprint_only(lab: Lab, tmp_path: Path) -> None:
