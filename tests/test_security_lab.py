@@ -204,6 +204,25 @@ def test_strangers_are_refused_everywhere_and_the_cluster_keeps_working(lab: Lab
     assert "evil" not in manager.text()
     assert "Traceback" not in manager.text() + worker.text()
 
+    # after the rotation, the old token opens nothing: not the manager, not a new session's streams, not
+    # w2's archive (a session running at the rotation keeps its data keys until it ends, so that no
+    # reconnecting reader of it loses samples: see the README)
+    _refused(_timed(cluster, rogue_host, "worker", "--name", "evil", "--manager", address, "--token", old,
+                    env=dict(rogue, XDG_CONFIG_HOME=str(tmp_path / "config-rogue3"))), "not a member of cluster")
+    _refused(_timed(cluster, rogue_host, "run", str(cluster.recipe(RECIPE, "r4.yaml")), "--manager", address,
+                    "--token", old, env=rogue), "not a member of cluster")
+    said = len(worker.text())
+    second = cluster.start(1, ["run", str(cluster.recipe(RECIPE, "again.yaml")), "--manager", address], "run-2")
+    worker.wait_for(": recording", 30, after=said)
+    status = json.loads(cluster.cp(1, "status", "--json", "--manager", address).stdout)
+    fired = _rogue(lab, rogue_host, status["session"]["nodes"]["cam"]["endpoint"], archive, session, old)
+    assert fired["samples"] == {"null": 0, "token": 0}, fired
+    assert fired["archive"].startswith("refused"), fired
+    fired = _rogue(lab, rogue_host, status["session"]["nodes"]["cam"]["endpoint"], archive, session, new)
+    assert fired["samples"]["token"] > 0 and fired["archive"] == "served", fired  # the same path opens to a member
+    os.kill(second.pid, signal.SIGINT)
+    assert second.wait(60) == 130, second.text()
+
 
 def _rogue(lab: Lab, host: int, endpoint: str, archive: str, session: str, token: str) -> dict[str, Any]:
     done = lab.call_python(host, ROGUE, [endpoint, archive, session, "w2"], timeout_s=SCRIPT_TIMEOUT_S,
