@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -14,6 +18,7 @@ import pytest
 from cpcli.cluster import keys
 from cpcli.errors import CpError
 from tests.conftest import cp
+from tests.lab import read_line
 
 
 @pytest.fixture()
@@ -132,3 +137,38 @@ def test_insecure_is_for_one_machine_only(config: dict[str, str]) -> None:
         line = _one_error_line(cp("manager", "--insecure", "--interface", outside[0], "--port", "0", env=config))
         assert "only for a demo on one machine" in line
     assert not (Path(config["XDG_CONFIG_HOME"]) / "cpcli").exists(), "a refused start must not make keys"
+
+
+def test_an_insecure_demo_warns_each_time_and_needs_no_token(config: dict[str, str], tmp_path: Path) -> None:
+    manager = subprocess.Popen([sys.executable, "-m", "cpcli", "manager", "--insecure", "--interface", "127.0.0.1",
+                                "--port", "0", "--no-local-worker", "--data", str(tmp_path / "data")],
+                               env=config, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    worker = None
+    try:
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("listening on" in line for line in lines):  # bounded
+            lines.append(read_line(manager, 20))
+        said = "\n".join(lines)
+        assert "WARNING: this manager runs --insecure" in said and "join token" not in said, said
+        address = re.search(r"listening on (127\.0\.0\.1:\d+)", said)
+        assert address is not None, said
+        worker = subprocess.Popen([sys.executable, "-m", "cpcli", "worker", "--insecure", "--name", "demo",
+                                   "--manager", address.group(1), "--data", str(tmp_path / "w")], env=config,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        first = read_line(worker, 20)
+        assert "WARNING: this worker runs --insecure" in first, first
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "joined manager" not in first:  # bounded
+            first = read_line(worker, 20)
+        status = cp("status", "--json", "--manager", address.group(1), env=config)  # no token: the demo's record
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["manager"]["security"] == "insecure"
+        assert not (Path(config["XDG_CONFIG_HOME"]) / "cpcli").exists(), "a demo makes no keys"
+    finally:
+        for proc in (worker, manager):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(30)
