@@ -266,20 +266,22 @@ def _send(stream: IO[bytes] | None, text: str) -> None:
             stream.flush()
 
 
-def run_pair(ns_a: str, ns_b: str, impl: str, width: int, height: int, rate_hz: float, duration_s: float) -> Run:
-    script = os.path.abspath(__file__)
-    base = [sys.executable, script, "--role"]
+def run_pair(ns_a: str, ns_b: str, impl: str, width: int, height: int, rate_hz: float, duration_s: float,
+             script: str = __file__, env: dict[str, str] | None = None) -> Run:
+    """One publisher in `ns_a`, one subscriber in `ns_b`: `script --role pub|sub --impl IMPL` (this file's
+    sides, or another script's that takes the same options), with `env` (default: ours)."""
+    base = [sys.executable, os.path.abspath(script), "--role"]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         pub = subprocess.Popen([*c.Netns.exec_prefix(ns_a), *base, "pub", "--impl", impl, "--size", f"{width}x{height}",
                                 "--rate", str(rate_hz), "--duration", str(duration_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
         procs.append(pub)
         pub_lines = Lines(pub, f"{impl} publisher")
         endpoint = pub_lines.json(HANDSHAKE_TIMEOUT_S)["endpoint"]
         sub = subprocess.Popen([*c.Netns.exec_prefix(ns_b), *base, "sub", "--impl", impl, "--endpoint", endpoint,
                                 "--duration", str(duration_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
         procs.append(sub)
         sub_lines = Lines(sub, f"{impl} subscriber")
         sub_lines.json(HANDSHAKE_TIMEOUT_S)

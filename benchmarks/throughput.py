@@ -28,7 +28,6 @@ the same repeat.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -354,44 +353,7 @@ def run_secure_pair(ns_a: str, ns_b: str, mode: str, creds: Credentials, width: 
 
     env = dict(os.environ)
     security.give(env, _security_for(mode, creds))
-    base = [sys.executable, os.path.abspath(__file__), "--impl", mode, "--role"]
-    procs: list[subprocess.Popen[bytes]] = []
-    limit_s = crosshost.HANDSHAKE_TIMEOUT_S + duration_s + crosshost.RUN_LIMIT_S
-    try:
-        pub = subprocess.Popen([*common.Netns.exec_prefix(ns_a), *base, "pub", "--size", f"{width}x{height}",
-                                "--rate", str(rate_hz), "--duration", str(duration_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
-        procs.append(pub)
-        pub_lines = crosshost.Lines(pub, f"{mode} publisher")
-        endpoint = pub_lines.json(crosshost.HANDSHAKE_TIMEOUT_S)["endpoint"]
-        sub = subprocess.Popen([*common.Netns.exec_prefix(ns_b), *base, "sub", "--endpoint", endpoint,
-                                "--duration", str(duration_s)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
-        procs.append(sub)
-        sub_lines = crosshost.Lines(sub, f"{mode} subscriber")
-        sub_lines.json(crosshost.HANDSHAKE_TIMEOUT_S)
-        pub_result = pub_lines.json(limit_s)
-        crosshost._send(sub.stdin, "finished")  # noqa: SLF001 - crosshost's own pipe protocol
-        sub_result = sub_lines.json(crosshost.RUN_LIMIT_S)
-        crosshost._send(pub.stdin, "done")  # noqa: SLF001
-        for proc in procs:
-            proc.wait(15)
-    finally:
-        alive = [p.pid for p in procs if p.poll() is None]
-        if alive:
-            common.log(f"benchmark processes {alive} still running: ending them")
-            common.end_processes(alive)
-        for proc in procs:
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    with contextlib.suppress(OSError):
-                        stream.close()
-    if not sub_result.get("ended"):
-        common.log(f"warning: {mode} subscriber did not drain before its deadline")
-    send_s = float(pub_result["send_s"])
-    return crosshost.Run(fps=sub_result["received"] / send_s, sent=pub_result["sent"],
-                         received=sub_result["received"], dropped=sub_result["dropped"], duration_s=send_s,
-                         p50_ms=sub_result["p50_ms"], p99_ms=sub_result["p99_ms"])
+    return crosshost.run_pair(ns_a, ns_b, mode, width, height, rate_hz, duration_s, script=__file__, env=env)
 
 
 def run_security(duration_s: float, repeat: int) -> dict[str, Any]:
