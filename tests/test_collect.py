@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import zmq
 from cpcli.cluster import keys
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, ArchiveServer
-from cpcli.cluster.collect import PartReport, pull_part
+from cpcli.cluster.collect import DISK_MARGIN_BYTES, PartReport, pull_part
 from cpcli.cluster.transfer import ArchiveLink, Refused
 from cpcli.transport.curve import Credentials
 from cpcli.transport.protocol import PROTOCOL_VERSION
@@ -212,6 +216,94 @@ def test_collect_killed_mid_file_resumes_with_little_transferred_twice(lab: Lab,
     total = sum(p.stat().st_size for p in (out / session).rglob("*") if p.is_file() and p.name != "manifest.json")
     assert before + result["transferred_bytes"] < 1.2 * total
     assert _sha(target) == _sha(big)
+
+
+FILL_CHUNK_BYTES = 1 << 20  # the filler's writes: a full tmpfs is reached in a few hundred of them
+SPARE_BYTES = 8 << 20  # above what the up-front check asks for: it passes, and the fill is what stops the collect
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` at `path`, unmounted whatever happens (lazily if something still holds it)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                             capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, timeout=10).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def _fill(path: Path, limit_bytes: int) -> int:
+    """Write `path` until its disk is full (ENOSPC); the bytes written. Bounded: at most limit_bytes."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block = b"\xff" * FILL_CHUNK_BYTES
+        while written < limit_bytes:  # bounded by limit_bytes: each pass writes or raises
+            try:
+                n = os.write(fd, block)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+                return written
+            written += n
+    finally:
+        os.close(fd)
+    raise AssertionError(f"{path}: no ENOSPC after {written} bytes")
+
+
+def test_collect_stops_cleanly_when_its_disk_fills_and_a_second_run_resumes_the_partial_file(
+        lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    big = _big_file(cluster, "w2", session)
+    sources = {name: cluster.data(name) / session for name in ("m1", "w2", "w3")}
+    to_collect = sum(p.stat().st_size for folder in sources.values() for p in folder.rglob("*") if p.is_file())
+    _shape(lab, 2)
+    with _small_disk(tmp_path / "small", to_collect + DISK_MARGIN_BYTES + SPARE_BYTES) as out:
+        target = out / session / big.relative_to(sources["w2"])
+        part = target.with_name(target.name + ".part")
+        filler = out / "filler.bin"
+        with open(tmp_path / "collect.out", "wb") as stdout, open(tmp_path / "collect.err", "wb") as stderr:
+            proc = lab.run(1, [sys.executable, "-m", "cpcli", "collect", session, "--out", str(out),
+                               "--manager", address], stdout=stdout, stderr=stderr, env=cluster.env, cwd=tmp_path)
+        try:
+            _wait_for_part(target, proc, 30)
+            _fill(filler, to_collect + DISK_MARGIN_BYTES + SPARE_BYTES)
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        out_text, err_text = (tmp_path / "collect.out").read_text(), (tmp_path / "collect.err").read_text()
+        assert code == 1 and "Traceback" not in out_text + err_text, (code, out_text, err_text)
+        errors = [line for line in err_text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"the disk of {out / session} is full" in errors[0], err_text
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # nothing of the collect is left behind
+        held = part.read_bytes()
+        assert 0 < len(held) < BIG_BYTES and not target.exists()
+        with open(big, "rb") as source:
+            assert source.read(len(held)) == held  # a prefix of the file: what a resume continues
+        for folder in sources.values():
+            for path in folder.rglob("*"):
+                rel = path.relative_to(folder)
+                if path.is_file() and (out / session / rel).is_file() and rel.name != "manifest.json":
+                    assert _sha(out / session / rel) == _sha(path), rel  # what was verified stays as it was
+
+        filler.unlink()
+        code, result, err = _collect(cluster, address, out, session)
+        assert code == 0, (result, err)
+        collected = 0
+        for folder in sources.values():
+            for path in folder.rglob("*"):
+                if path.is_file() and path.name != "manifest.json":
+                    assert _sha(out / session / path.relative_to(folder)) == _sha(path), path
+                    collected += path.stat().st_size
+        assert not list((out / session).rglob("*.part"))
+        assert json.loads((out / session / "manifest.json").read_text())["collected"]["complete"]
+        assert result["transferred_bytes"] <= collected - len(held)  # the partial file continued, not refetched
 
 
 def _member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Credentials:

@@ -13,12 +13,16 @@ NODE_RECORD = "node.json"  # beside a node's files: survives the loss of the pro
 def write_json_atomically(path: Path, data: Any) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a JSON file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no half file left beside the last good one
+        raise
 
 
 def write_node_record(session_dir: Path, worker: str, node_id: str, stats: dict[str, Any],

@@ -15,6 +15,7 @@ against its own. A later run checks a deleted part against the copy here instead
 
 from __future__ import annotations
 
+import errno
 import json
 import secrets
 import shutil
@@ -169,11 +170,11 @@ class Collector:
         for thread in threads:
             thread.join(JOIN_TIMEOUT_S)
         merged = _merged(manifest, manager, parts, self.only)
-        write_json_atomically(root / "manifest.json", merged)  # before any worker's copy goes
+        _save(root, merged)  # before any worker's copy goes: a disk full here stops the deletion too
         if deleting:
             self._delete_remote(session, root, parts)
             merged = _merged(manifest, manager, parts, self.only)
-            write_json_atomically(root / "manifest.json", merged)
+            _save(root, merged)
         every = [manager, *parts.values()]
         return CollectResult(session, root, all(p.status == "complete" for p in every), {p.owner: p for p in every},
                              sum(p.transferred_bytes for p in every), merged)
@@ -275,6 +276,18 @@ def _expected(manifest: dict[str, Any], worker: str) -> list[dict[str, Any]]:
         if isinstance(node, dict) and node.get("worker") == worker:
             files.extend(node.get("files") or [])
     return [f for f in files if isinstance(f, dict)]
+
+
+def _save(root: Path, merged: dict[str, Any]) -> None:
+    """Write the merged manifest; a full disk is the user's to fix, said in one line."""
+    try:
+        write_json_atomically(root / "manifest.json", merged)
+    except OSError as err:
+        why = f"the disk of {root} is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            f"cannot write {root / 'manifest.json'} ({err.strerror})"
+        raise ArchiveError(f"{why}: the files verified so far are kept, but the merged manifest is not written",
+                           hint="free some space (or collect into another --out) and run `cp collect` for this "
+                                "session again: it continues where it stopped") from err
 
 
 def _check_disk(root: Path, parts: list[PartReport]) -> None:
