@@ -241,3 +241,14 @@ def wait_quiet(max_wait_s: float, threshold_pct: float = 20.0, window_s: float =
     while busy > threshold_pct and time.monotonic() < deadline:
         busy = background_busy(window_s)
     return busy
+
+
+def close_lab(lab: Any) -> str:
+    """Delete a benchmark's namespaces; the line saying they are gone (or which are left)."""
+    names = list(lab.names)
+    left = lab.close()
+    still = [n for n in netns_list() if n in names]
+    cleanup = (f"namespaces {', '.join(names)} deleted; `ip netns list` shows none of them"
+               if not left and not still else f"ERROR: namespaces left behind: {left or still}")
+    log(cleanup)
+    return cleanup

@@ -430,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.veth(ns_a, f"{ADDR_A}/{PREFIX_LEN}", ns_b, f"{ADDR_B}/{PREFIX_LEN}")
         measure(args, ns_a, ns_b, results)
     finally:
-        names = list(lab.names)
-        left = lab.close()
-        still = [n for n in c.netns_list() if n in names]
-        cleanup = (f"namespaces {', '.join(names)} deleted; `ip netns list` shows none of them"
-                   if not left and not still else f"ERROR: namespaces left behind: {left or still}")
-        c.log(cleanup)
+        cleanup = c.close_lab(lab)
     total = load.stop()
     elapsed = time.monotonic() - started
     code["changed_during_run"] = code_version()["sources_sha256"] != code["sources_sha256"]

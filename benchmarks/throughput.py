@@ -379,12 +379,7 @@ def run_security(duration_s: float, repeat: int) -> dict[str, Any]:
                         run_secure_pair(ns_a, ns_b, mode, creds, w, h, rate_hz, seconds))
                 loads.append({"phase": f"{kind}, repeat {rep + 1}", **load.stop()})
     finally:
-        names = list(lab.names)
-        left = lab.close()
-        still = [n for n in common.netns_list() if n in names]
-        cleanup = (f"namespaces {', '.join(names)} deleted; `ip netns list` shows none of them"
-                   if not left and not still else f"ERROR: namespaces left behind: {left or still}")
-        common.log(cleanup)
+        cleanup = common.close_lab(lab)
     return {"runs": runs, "loads": loads, "cleanup": cleanup, "duration_s": duration_s, "repeat": repeat}
 
 

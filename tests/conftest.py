@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cpcli.cluster import keys
 from cpcli.registry import Registry, load_registry
+from cpcli.transport.curve import Credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
@@ -33,6 +35,15 @@ for _name in ("CP_MANAGER", "CP_INTERFACE", "CP_CLUSTER_TIMING", "CP_TOKEN"):
 SHM_DIR = Path("/dev/shm")
 LEAK_GRACE_S = 5.0  # processes a test started may take this long to exit after it returns
 PROCESS_WIDE_THREADS = {"GarbageCollectorThread"}  # pyzmq's zero-copy collector lives as long as the process
+
+
+@pytest.fixture
+def cluster_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Credentials:
+    """The keys of cluster `lab`, made as the first `cp manager` makes them, in a config folder of the test."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    creds = keys.manager_keys("lab", create=True)
+    assert creds is not None
+    return creds
 
 
 @pytest.fixture(scope="session")

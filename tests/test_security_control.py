@@ -58,14 +58,6 @@ def _until(done: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> fl
     return time.monotonic() - start
 
 
-@pytest.fixture
-def manager_creds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Credentials:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    creds = keys.manager_keys("lab", create=True)
-    assert creds is not None
-    return creds
-
-
 def _member(creds: Credentials) -> Credentials:
     """What a machine holding the cluster's join token knows (no manager secret)."""
     return keys.parse_token(keys.encode_token(creds))
@@ -95,8 +87,8 @@ class _Keys:
 
 
 @pytest.fixture
-def router(context: zmq.Context[Any], manager_creds: Credentials) -> Iterator[tuple[Router, _Keys]]:
-    holder = _Keys(manager_creds)
+def router(context: zmq.Context[Any], cluster_keys: Credentials) -> Iterator[tuple[Router, _Keys]]:
+    holder = _Keys(cluster_keys)
     served = Router(context, "127.0.0.1", 0, log, holder, as_manager=True)
     yield served, holder
     served.close()
@@ -136,9 +128,9 @@ def _send(dealer: Dealer, command: bytes, body: dict[str, Any]) -> None:
 
 
 def test_members_exchange_messages_both_ways_over_curve(context: zmq.Context[Any], router: tuple[Router, _Keys],
-                                                        manager_creds: Credentials) -> None:
+                                                        cluster_keys: Credentials) -> None:
     served, _ = router
-    dealer = _dealer(context, served, _member(manager_creds))
+    dealer = _dealer(context, served, _member(cluster_keys))
     try:
         _send(dealer, m.STATUS, {"v": PROTOCOL_VERSION})
         got = _receive(served)
@@ -154,11 +146,11 @@ def test_members_exchange_messages_both_ways_over_curve(context: zmq.Context[Any
 
 
 def test_an_old_token_is_refused_as_auth_and_its_address_logged_once(
-        context: zmq.Context[Any], router: tuple[Router, _Keys], manager_creds: Credentials,
+        context: zmq.Context[Any], router: tuple[Router, _Keys], cluster_keys: Credentials,
         caplog: pytest.LogCaptureFixture) -> None:
     served, holder = router
-    old = _member(manager_creds)
-    holder.creds = _rotated(manager_creds)
+    old = _member(cluster_keys)
+    holder.creds = _rotated(cluster_keys)
     caplog.set_level(logging.WARNING, logger=log.name)
     dealers = [_dealer(context, served, old, f"w{i}") for i in range(30)]  # 30 attempts at once (throttled)
     try:
@@ -175,10 +167,10 @@ def test_an_old_token_is_refused_as_auth_and_its_address_logged_once(
 
 
 def test_a_token_for_another_manager_key_is_refused_as_keys(context: zmq.Context[Any], router: tuple[Router, _Keys],
-                                                            manager_creds: Credentials) -> None:
+                                                            cluster_keys: Credentials) -> None:
     served, _ = router
     stranger_key = zmq.curve_public(z85.encode(secrets.token_bytes(32)))
-    wrong = Credentials("lab", stranger_key, manager_creds.secret)
+    wrong = Credentials("lab", stranger_key, cluster_keys.secret)
     dealer = _dealer(context, served, wrong)
     try:
         assert _refusal(dealer) == "keys"
@@ -188,7 +180,7 @@ def test_a_token_for_another_manager_key_is_refused_as_keys(context: zmq.Context
 
 
 def test_strangers_without_curve_get_nothing_and_members_are_still_served(
-        context: zmq.Context[Any], router: tuple[Router, _Keys], manager_creds: Credentials) -> None:
+        context: zmq.Context[Any], router: tuple[Router, _Keys], cluster_keys: Credentials) -> None:
     served, _ = router
     plain = context.socket(zmq.DEALER)  # the NULL mechanism: a stranger's pyzmq with no keys
     plain.setsockopt(zmq.LINGER, 0)
@@ -203,7 +195,7 @@ def test_strangers_without_curve_get_nothing_and_members_are_still_served(
                          + secrets.token_bytes(256))
         assert _receive(served, QUIET_S) is None
         assert not plain.poll(0)
-        member = _dealer(context, served, _member(manager_creds))
+        member = _dealer(context, served, _member(cluster_keys))
         try:
             _send(member, m.STATUS, {"v": PROTOCOL_VERSION})
             got = _receive(served)
@@ -215,10 +207,10 @@ def test_strangers_without_curve_get_nothing_and_members_are_still_served(
 
 
 def test_cluster_status_with_a_rotated_token_says_not_a_member_at_once(
-        router: tuple[Router, _Keys], manager_creds: Credentials) -> None:
+        router: tuple[Router, _Keys], cluster_keys: Credentials) -> None:
     served, holder = router
-    old = _member(manager_creds)
-    holder.creds = _rotated(manager_creds)
+    old = _member(cluster_keys)
+    holder.creds = _rotated(cluster_keys)
     start = time.monotonic()
     with pytest.raises(CpError) as caught:
         cluster_status(_address(served), ClusterTiming(answer_timeout_s=10.0), old)
@@ -228,9 +220,9 @@ def test_cluster_status_with_a_rotated_token_says_not_a_member_at_once(
 
 
 def test_repeated_refusals_from_one_address_are_slowed(context: zmq.Context[Any], router: tuple[Router, _Keys],
-                                                       manager_creds: Credentials) -> None:
+                                                       cluster_keys: Credentials) -> None:
     served, _ = router
-    guess = Credentials("lab", manager_creds.manager_public, secrets.token_bytes(keys.SECRET_BYTES))
+    guess = Credentials("lab", cluster_keys.manager_public, secrets.token_bytes(keys.SECRET_BYTES))
     first = [_dealer(context, served, guess, f"g{i}") for i in range(THROTTLE_AFTER + 1)]
     try:
         for d in first:
@@ -246,7 +238,7 @@ def test_repeated_refusals_from_one_address_are_slowed(context: zmq.Context[Any]
         late.close(discard=True)
     assert served.gatekeeper.throttled >= 1
     assert took >= PENALTY_S * 0.9
-    member = _dealer(context, served, _member(manager_creds))  # a member from the same address is not slowed
+    member = _dealer(context, served, _member(cluster_keys))  # a member from the same address is not slowed
     try:
         assert _until(lambda: member.send(m.STATUS, {"v": PROTOCOL_VERSION}), "member connection") < PENALTY_S / 2
     finally:
@@ -254,13 +246,13 @@ def test_repeated_refusals_from_one_address_are_slowed(context: zmq.Context[Any]
 
 
 def test_rebind_after_a_rotation_cuts_old_tokens_and_admits_new_ones(
-        context: zmq.Context[Any], router: tuple[Router, _Keys], manager_creds: Credentials) -> None:
+        context: zmq.Context[Any], router: tuple[Router, _Keys], cluster_keys: Credentials) -> None:
     served, holder = router
-    old = _dealer(context, served, _member(manager_creds), "old")
+    old = _dealer(context, served, _member(cluster_keys), "old")
     try:
         _send(old, m.STATUS, {"v": PROTOCOL_VERSION})
         assert _receive(served) is not None
-        holder.creds = _rotated(manager_creds)
+        holder.creds = _rotated(cluster_keys)
         port = served.port
         served.rebind()
         assert served.port == port and served.credentials is holder.creds
@@ -297,14 +289,14 @@ def test_insecure_credentials_mean_no_curve(context: zmq.Context[Any]) -> None:
 # -- archive servers ------------------------------------------------------------------------------
 
 
-def test_an_archive_server_refuses_a_stranger_and_serves_a_member(tmp_path: Path, manager_creds: Credentials,
+def test_an_archive_server_refuses_a_stranger_and_serves_a_member(tmp_path: Path, cluster_keys: Credentials,
                                                                    context: zmq.Context[Any],
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "data"
     (data / "s1" / "w9" / "cam").mkdir(parents=True)
     (data / "s1" / "w9" / "cam" / "video.timestamps.csv").write_bytes(b"index,t_ns\n0,0\n")
-    member = _member(manager_creds)
-    stranger = Credentials("lab", manager_creds.manager_public, secrets.token_bytes(keys.SECRET_BYTES))
+    member = _member(cluster_keys)
+    stranger = Credentials("lab", cluster_keys.manager_public, secrets.token_bytes(keys.SECRET_BYTES))
     fetch = {"session": "s1", "path": "w9/cam/video.timestamps.csv", "offset": 0, "size": 100}
     with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: member) as server:
         plain = context.socket(zmq.DEALER)
@@ -336,13 +328,13 @@ def test_an_archive_server_refuses_a_stranger_and_serves_a_member(tmp_path: Path
                for r in caplog.records)
 
 
-def test_an_archive_server_listens_again_with_new_keys(tmp_path: Path, manager_creds: Credentials,
+def test_an_archive_server_listens_again_with_new_keys(tmp_path: Path, cluster_keys: Credentials,
                                                         context: zmq.Context[Any]) -> None:
     (tmp_path / "data" / "s1" / "w9").mkdir(parents=True)
-    holder = _Keys(_member(manager_creds))
+    holder = _Keys(_member(cluster_keys))
     old = holder.creds
     with ArchiveServer(tmp_path / "data", "127.0.0.1", "w9", log, holder) as server:
-        holder.creds = _member(_rotated(manager_creds))
+        holder.creds = _member(_rotated(cluster_keys))
         _until(lambda: server.credentials is holder.creds, "the archive server listening with the new keys")
         link = ArchiveLink(context, server.address, 3.0, holder.creds)
         stale = ArchiveLink(context, server.address, 3.0, old)
@@ -359,8 +351,8 @@ def test_an_archive_server_listens_again_with_new_keys(tmp_path: Path, manager_c
 # -- clock probes ---------------------------------------------------------------------------------
 
 
-def test_clock_probes_with_a_wrong_key_are_ignored_and_counted(manager_creds: Credentials) -> None:
-    key = clock_key(manager_creds)
+def test_clock_probes_with_a_wrong_key_are_ignored_and_counted(cluster_keys: Credentials) -> None:
+    key = clock_key(cluster_keys)
     assert key is not None
     server = ClockServer("127.0.0.1", 0, lambda: key)
     server.start()
@@ -442,10 +434,10 @@ def _token_ring(path: Path) -> KeyRing:
 
 
 def test_a_worker_cut_off_by_a_rotation_rejoins_once_it_gets_the_new_token(
-        tmp_path: Path, manager_creds: Credentials, registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, cluster_keys: Credentials, registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     token = tmp_path / "worker-token"
-    token.write_text(keys.encode_token(manager_creds))
+    token.write_text(keys.encode_token(cluster_keys))
     said: list[str] = []
     manager_stop = threading.Event()
     manager = Manager(ManagerConfig("m1", "lab", "127.0.0.1", 0, tmp_path / "m1", KeyRing.for_manager("lab"), FAST),
@@ -462,9 +454,9 @@ def test_a_worker_cut_off_by_a_rotation_rejoins_once_it_gets_the_new_token(
     try:
         _until(lambda: "w1" in manager.workers and manager.workers["w1"].state == "ready", "worker w1 joined")
         _until(lambda: agent.clock is not None, "the worker's clock aligned (keyed probes)")
-        status = cluster_status(address, FAST, _member(manager_creds))
+        status = cluster_status(address, FAST, _member(cluster_keys))
         assert status["manager"]["security"] == "curve"
-        assert status["manager"]["key"] == manager_creds.fingerprint
+        assert status["manager"]["key"] == cluster_keys.fingerprint
         assert [w["name"] for w in status["workers"]] == ["w1"]
 
         new = keys.rotate("lab")
@@ -472,7 +464,7 @@ def test_a_worker_cut_off_by_a_rotation_rejoins_once_it_gets_the_new_token(
         _until(lambda: any("not a member of cluster lab" in r.getMessage() for r in caplog.records
                            if r.name == "test.worker"), "the worker's refusal logged")
         with pytest.raises(CpError, match="not a member of cluster lab"):
-            cluster_status(address, FAST, _member(manager_creds))
+            cluster_status(address, FAST, _member(cluster_keys))
         time.sleep(FAST.backoff_max_s * 3)  # several retries: still one log line
         refusals = [r for r in caplog.records if r.name == "test.worker" and "not a member" in r.getMessage()]
         assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
@@ -490,7 +482,7 @@ def test_a_worker_cut_off_by_a_rotation_rejoins_once_it_gets_the_new_token(
     assert not worker_loop.error and not manager_loop.error
 
 
-def test_a_worker_that_never_joined_ends_with_the_refusal(tmp_path: Path, manager_creds: Credentials,
+def test_a_worker_that_never_joined_ends_with_the_refusal(tmp_path: Path, cluster_keys: Credentials,
                                                           registry: Registry) -> None:
     manager_stop = threading.Event()
     manager = Manager(ManagerConfig("m1", "lab", "127.0.0.1", 0, tmp_path / "m1", KeyRing.for_manager("lab"), FAST),
@@ -498,7 +490,7 @@ def test_a_worker_that_never_joined_ends_with_the_refusal(tmp_path: Path, manage
     manager_loop = _Running(manager.run, "test-manager", manager_stop)
     manager_loop.start()
     try:
-        stranger = KeyRing.fixed(Credentials("lab", manager_creds.manager_public, secrets.token_bytes(16)))
+        stranger = KeyRing.fixed(Credentials("lab", cluster_keys.manager_public, secrets.token_bytes(16)))
         agent = WorkerAgent(WorkerConfig("w1", "127.0.0.1", tmp_path / "w1", f"127.0.0.1:{manager.port}", stranger,
                                          FAST), registry, threading.Event(), logging.getLogger("test.worker"))
         start = time.monotonic()
@@ -527,7 +519,7 @@ nodes:
 
 
 @pytest.mark.parametrize("encrypt", [True, False], ids=["encrypted", "plain-data"])
-def test_a_session_runs_on_a_keyed_cluster(tmp_path: Path, manager_creds: Credentials, registry: Registry,
+def test_a_session_runs_on_a_keyed_cluster(tmp_path: Path, cluster_keys: Credentials, registry: Registry,
                                            encrypt: bool) -> None:
     ring = KeyRing.for_manager("lab")
     manager_stop, worker_stop = threading.Event(), threading.Event()
@@ -542,7 +534,7 @@ def test_a_session_runs_on_a_keyed_cluster(tmp_path: Path, manager_creds: Creden
         _until(lambda: "w1" in manager.workers and agent.clock is not None, "worker w1 joined, its clock aligned")
         recipe = parse_recipe(SESSION, registry)
         run = RemoteRun(address, recipe, registry, RunOptions(duration_s=1.0, encrypt_data=encrypt), StopControl(),
-                        FAST, lambda: _member(manager_creds))
+                        FAST, lambda: _member(cluster_keys))
         result = run.run()
         assert result.manifest["status"] == "complete", result.manifest
         sent = result.nodes["c"].stats.samples_out

@@ -43,12 +43,9 @@ log = logging.getLogger("test.security")
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Credentials:
-    """The keys of cluster `lab`, made the way the first `cp manager` makes them (in a config folder of the test)."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    creds = keys.manager_keys("lab", create=True)
-    assert creds is not None
-    return creds
+def cluster(cluster_keys: Credentials) -> Credentials:
+    """The keys of cluster `lab` (conftest's `cluster_keys`), named for what these tests call them."""
+    return cluster_keys
 
 
 @pytest.fixture
