@@ -120,8 +120,14 @@ def test_monitor_shows_the_cluster_marks_sees_a_lost_worker_and_quits(lab: Lab, 
     run = cluster.start(1, ["run", str(cluster.recipe(TWO_MACHINES)), "--duration", "90s", "--manager", address],
                         "run")
     worker.wait_for(": recording", 30)
-    piped = cluster.cp(1, "monitor", "--manager", address, timeout_s=20)  # not a terminal: the tables once
-    assert piped.returncode == 0 and re.search(r"cam\s+test_video\s+w2\s+running", piped.stdout), piped
+    deadline = time.monotonic() + 10  # the manager hears "running" with the worker's next report (<= 1 s)
+    while True:  # bounded by the deadline
+        piped = cluster.cp(1, "monitor", "--manager", address, timeout_s=20)  # not a terminal: the tables once
+        shown = re.search(r"cam\s+test_video\s+w2\s+running", piped.stdout)
+        if shown or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert piped.returncode == 0 and shown, piped
     exit_file = tmp_path / "monitor-exit"
     monitor = (f"COLORTERM=truecolor {shlex.quote(sys.executable)} -m cpcli monitor --manager {address} "
                f"2> {tmp_path / 'monitor.err'}; echo $? > {exit_file}")
