@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -258,11 +259,15 @@ def test_blocks_that_step_had_no_room_for_are_counted_logged_and_leave_a_gap(
         time.sleep(QUEUE_S + 0.6)  # a step that long: the queue holds QUEUE_S of audio, the rest is lost
         with caplog.at_level(logging.WARNING, logger=ctx.logger.name):
             samples += record(mic, 0.5)
+            mic.teardown()
     finally:
         mic.teardown()
     assert 10 <= mic.blocks_dropped <= 40 and ctx.info["blocks_dropped"] == mic.blocks_dropped
     assert mic.overflows == 0
-    assert f"{mic.blocks_dropped} block(s) dropped" in caplog.text
+    # logged while recording; the callback can lose one more block while the full queue is being drained,
+    # so the running count may trail by one, and the summary at teardown always gives the total
+    assert re.search(r"\d+ block\(s\) dropped, \d+ in all: step\(\) fell", caplog.text)
+    assert f"0 input overflow(s) and {mic.blocks_dropped} dropped block(s) in all" in caplog.text
     steps = np.diff([s.t_ns for s in samples])
     gaps = np.flatnonzero(steps > 1.5 * BLOCK_NS)
     assert len(gaps) == 1, "the lost blocks leave one gap, and nothing else does"
