@@ -187,6 +187,10 @@ class Driver:
         prefix = None
         if self._config.get("shared_memory") and shm.available():
             prefix = shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid())
+            if self._publisher.open_local(prefix):  # readers on this machine connect here, not over TCP
+                self._poller.register(self._publisher.local_fd, zmq.POLLIN)
+            else:
+                prefix = None
         self._control.send(BOUND, {"endpoint": self._publisher.endpoint, "shm_prefix": prefix})
 
     def _context_for_node(self) -> NodeContext:
@@ -202,7 +206,7 @@ class Driver:
             self._poller.register(sub.socket, zmq.POLLIN)
         self._expected_subscribers: dict[str, int] = wiring["subscribers"]
         plan = wiring.get("shared_memory")
-        if plan and self._publisher is not None and self._config.get("shared_memory") and shm.available():
+        if plan and self._publisher is not None and self._publisher.local_fd is not None:
             self._publisher.share_memory(SharedMemoryPlan(
                 prefix=shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid()),
                 local_readers=int(plan["local_readers"]), all_readers=tuple(plan["all_readers"]),
@@ -295,7 +299,8 @@ class Driver:
             else:
                 timeout_ms = IDLE_POLL_MS if not self._stop_requested else 10
             self._poll_once(min(timeout_ms, IDLE_POLL_MS))
-            if self._publisher.socket in self._ready_sockets:  # poll is level-triggered: nothing is missed
+            if (self._publisher.socket in self._ready_sockets  # poll is level-triggered: nothing is missed
+                    or self._publisher.local_fd in self._ready_sockets):
                 self._publisher.handle_subscriptions()
             if self._ready_sockets:
                 intake.receive()

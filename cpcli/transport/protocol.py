@@ -33,6 +33,8 @@ KIND_ARRAY = "nd"  # payload is the raw buffer of a C-contiguous numpy array
 KIND_OBJECT = "obj"  # payload is msgpack of plain data
 KIND_END = "eos"  # end of stream: the publisher sends nothing more on this topic
 KIND_SHM = "shm"  # no payload: the array lies in the publisher's shared-memory slot (same host)
+KIND_SHM_OBJECT = "shmo"  # no payload: msgpack of plain data too large to go inline lies in a slot
+SHM_KINDS = (KIND_SHM, KIND_SHM_OBJECT)
 
 MAX_HEADER_BYTES = 4096  # headers are a handful of fields; anything larger is not ours
 
@@ -79,10 +81,10 @@ def unpack_object(payload: bytes | memoryview) -> Any:
 
 def encode_header(header: Header) -> bytes:
     fields: dict[str, Any] = {"s": header.seq, "t": header.t_ns, "k": header.kind}
-    if header.kind in (KIND_ARRAY, KIND_SHM):
+    if header.kind in (KIND_ARRAY, *SHM_KINDS):
         fields["d"] = header.dtype
         fields["sh"] = list(header.shape)
-    if header.kind == KIND_SHM:
+    if header.kind in SHM_KINDS:
         fields["sl"] = header.slot
         fields["g"] = header.generation
     if header.rate_hz is not None:
@@ -98,7 +100,7 @@ def decode_header(raw: bytes | memoryview) -> Header:
         fields = msgpack.unpackb(raw, raw=False)
         kind = fields["k"]
         rate = fields.get("r")
-        if kind in (KIND_ARRAY, KIND_SHM):
+        if kind in (KIND_ARRAY, *SHM_KINDS):
             return Header(
                 int(fields["s"]), int(fields["t"]), kind, str(fields["d"]), tuple(int(n) for n in fields["sh"]),
                 None if rate is None else float(rate),

@@ -1,9 +1,10 @@
 """Data plane: one XPUB per node, one SUB per input, sequence numbers that make drops visible.
 
-Each port has two topics. `node/port` carries payloads inline (TCP, for other machines);
-`@node/port` is for subscribers on the publisher's own machine and carries large arrays as a
-reference to a shared-memory slot (written once, read in place). The publisher sends on a
-topic only while someone subscribes to it, so a node never pays for a path nobody uses.
+Each port has two paths. Its ZeroMQ topic `node/port` carries payloads inline (TCP, for other
+machines). Readers on the publisher's own machine connect to its same-host socket instead
+(`bell`: one Unix connection each, no ZeroMQ thread in between) and get large arrays as a
+reference to a shared-memory slot (written once, read in place). The publisher sends on a path
+only while someone reads it, so a node never pays for a path nobody uses.
 
 In a cluster both ends take the session's `DataSecurity`: the publisher lets in only members
 (Curve, encrypted; or PLAIN with the session's password when the recipe says `encrypt_data:
@@ -22,13 +23,15 @@ import zmq
 
 from cpcli.errors import TransportError
 from cpcli.node import Sample
-from cpcli.transport import preview, shm
+from cpcli.transport import bell, preview, shm
 from cpcli.transport.curve import DataSecurity, Gatekeeper
 from cpcli.transport.protocol import (
     KIND_ARRAY,
     KIND_END,
     KIND_OBJECT,
     KIND_SHM,
+    KIND_SHM_OBJECT,
+    SHM_KINDS,
     Header,
     array_from_payload,
     decode_header,
@@ -46,7 +49,6 @@ SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past th
 # of DATA_HWM on), so a `sync: all` reader's backlog is bounded by slots, never dropped by ZeroMQ.
 SHM_MAX_SLOTS = DATA_HWM // 2 - 8
 BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
-LOCAL_MARK = b"@"  # topic prefix of the same-host variant of a port
 MAX_SUBSCRIPTION_BYTES = 1024  # a subscription names one of our topics: far shorter than this
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 
@@ -94,9 +96,10 @@ class Publisher:
             raise TransportError(f"cannot bind a data socket on {host} ({err})") from err
         self.endpoint = f"tcp://{host}:{port}"
         self._topics = {p: topic_for(node_id, p) for p in ports}
-        self._local_topics = {p: LOCAL_MARK + t for p, t in self._topics.items()}
         self._preview_topics = {p: preview.preview_topic(t) for p, t in self._topics.items()}
-        self._known = {*self._topics.values(), *self._local_topics.values(), *self._preview_topics.values()}
+        self._known = {*self._topics.values(), *self._preview_topics.values()}
+        self._bell: bell.BellServer | None = None
+        self._prefix: str | None = None
         self._previews: dict[str, preview.PreviewState] = {}
         self.previews_sent = 0
         self._seq = dict.fromkeys(ports, 0)
@@ -109,12 +112,28 @@ class Publisher:
     def socket(self) -> zmq.Socket[Any]:
         return self._socket
 
+    @property
+    def local_fd(self) -> int | None:
+        """Readable when the same-host socket needs `handle_subscriptions()` (None: no such socket)."""
+        return self._bell.fileno() if self._bell is not None else None
+
+    def open_local(self, prefix: str) -> bool:
+        """Listen for readers on this machine (named after the shared-memory `prefix`); False where
+        this system has no such sockets (its readers then use TCP)."""
+        if not bell.available():
+            return False
+        self._bell = bell.BellServer(prefix, self._topics.values(), self._log, DATA_HWM)
+        self._prefix = prefix
+        return True
+
     def share_memory(self, plan: SharedMemoryPlan) -> None:
-        """Send large arrays to same-host readers through a shared-memory pool."""
+        """Size the shared-memory pool for the readers on this machine (`open_local` first)."""
         self._plan = plan
 
     def handle_subscriptions(self) -> None:
-        """Count subscribe/unsubscribe messages waiting on the socket."""
+        """Count subscribe/unsubscribe messages waiting on the socket; admit same-host readers."""
+        if self._bell is not None:
+            self._bell.handle()
         while True:
             try:
                 msg = self._socket.recv(zmq.NOBLOCK)
@@ -132,35 +151,48 @@ class Publisher:
 
     def subscribers(self, port: str) -> int:
         """Subscribers of a port over either path."""
-        return self._subscribers.get(self._topics[port], 0) + self._subscribers.get(self._local_topics[port], 0)
+        local = self._bell.readers(self._topics[port]) if self._bell is not None else 0
+        return self._subscribers.get(self._topics[port], 0) + local
 
     def sent(self, port: str) -> int:
         """How many samples went out on a port (the next sequence number)."""
         return self._seq[port]
 
     def publish(self, port: str, value: Any, t_ns: int, rate_hz: float | None = None) -> int:
-        """Send one sample on every path that has subscribers. Returns its sequence number."""
+        """Send one sample on every path that has readers. Returns its sequence number."""
         seq = self._seq[port]
         self._seq[port] = seq + 1
-        remote = self._subscribers.get(self._topics[port], 0) > 0
-        local = self._subscribers.get(self._local_topics[port], 0) > 0
+        topic = self._topics[port]
+        remote = self._subscribers.get(topic, 0) > 0
+        local = self._bell is not None and self._bell.readers(topic) > 0
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
             array = np.ascontiguousarray(value)
             header = encode_header(Header(seq, t_ns, KIND_ARRAY, array.dtype.str, array.shape, rate_hz))
-            if local and self._plan is not None and array.nbytes >= self._plan.threshold_bytes:
-                self._publish_shared(port, array, seq, t_ns, rate_hz)
-            elif local:
-                self._socket.send_multipart([self._local_topics[port], header, array.data], copy=False)
+            if local:
+                threshold = self._plan.threshold_bytes if self._plan is not None else SHM_THRESHOLD_BYTES
+                if array.nbytes >= min(threshold, bell.INLINE_MAX_BYTES):
+                    self._publish_shared(port, array, seq, t_ns, rate_hz, KIND_SHM)
+                else:
+                    self._send_local(topic, (bell.frame(header), array.data))
             if remote:
-                self._socket.send_multipart([self._topics[port], header, array.data], copy=False)
+                self._socket.send_multipart([topic, header, array.data], copy=False)
             return seq
         if local or remote:
             payload = pack_object(value)
             header = encode_header(Header(seq, t_ns, KIND_OBJECT, rate_hz=rate_hz))
-            for topic, wanted in ((self._local_topics[port], local), (self._topics[port], remote)):
-                if wanted:
-                    self._socket.send_multipart([topic, header, payload])
+            if local:
+                if len(payload) > bell.INLINE_MAX_BYTES:
+                    self._publish_shared(port, np.frombuffer(payload, dtype=np.uint8), seq, t_ns, rate_hz,
+                                         KIND_SHM_OBJECT)
+                else:
+                    self._send_local(topic, (bell.frame(header), payload))
+            if remote:
+                self._socket.send_multipart([topic, header, payload])
         return seq
+
+    def _send_local(self, topic: bytes, parts: tuple[Any, ...], force: bool = False) -> None:
+        assert self._bell is not None
+        self._bell.send(topic, parts, force)
 
     def offer_preview(self, port: str, value: Any, t_ns: int) -> None:
         """Send a preview of this sample if a monitor watches the port and the last one is old enough."""
@@ -185,7 +217,8 @@ class Publisher:
             return  # a slow monitor, or a value that is not plain data: the preview is skipped, never the data
         self.previews_sent += 1
 
-    def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None) -> None:
+    def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None,
+                        kind: str) -> None:
         pool = self._pool or self._make_pool(array.nbytes)
         ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S)
         if ref is None:  # every slot still held: the readers see a gap in sequence numbers
@@ -193,28 +226,33 @@ class Publisher:
             if self.pool_dropped == 1:
                 self._log.warning("shared-memory pool full for %s: dropping samples (counted)", port)
             return
-        header = Header(seq, t_ns, KIND_SHM, array.dtype.str, array.shape, rate_hz, ref.slot, ref.generation)
-        self._socket.send_multipart([self._local_topics[port], encode_header(header)])
+        header = Header(seq, t_ns, kind, array.dtype.str, array.shape, rate_hz, ref.slot, ref.generation)
+        self._send_local(self._topics[port], (bell.frame(encode_header(header)),))
 
     def _make_pool(self, nbytes: int) -> shm.SlotPool:
-        assert self._plan is not None
-        initial = 2 + 2 * self._plan.local_readers
+        assert self._prefix is not None and self._bell is not None
+        plan = self._plan or SharedMemoryPlan(self._prefix, sum(map(self._bell.readers, self._topics.values())))
+        initial = 2 + 2 * plan.local_readers
         most = max(initial, min(SHM_MAX_SLOTS, SHM_POOL_MAX_BYTES // max(1, nbytes + shm.HEADER_BYTES)))
-        self._pool = shm.SlotPool(self._plan.prefix, initial_slots=initial, max_slots=most)
-        for index in self._plan.all_readers:
+        self._pool = shm.SlotPool(self._prefix, initial_slots=initial, max_slots=most)
+        for index in plan.all_readers:
             self._pool.expect_all_reader(index)
         return self._pool
 
     def end(self) -> None:
         """Tell subscribers every port is finished (carries the count sent, so tail drops show)."""
-        for port in self._topics:
+        for port, topic in self._topics.items():
             header = encode_header(Header(self._seq[port], 0, KIND_END))
-            for topic in (self._topics[port], self._local_topics[port]):
-                self._socket.send_multipart([topic, header])
+            self._socket.send_multipart([topic, header])
+            if self._bell is not None:
+                self._send_local(topic, (bell.frame(header),), force=True)
 
     def close(self, linger_ms: int = LINGER_MS, keep_pool: bool = False) -> None:
         """Close; `linger_ms` lets what is still queued leave first (a normal end), bounded;
         `keep_pool` leaves the shared memory for `close_pool()` once those messages are out."""
+        if self._bell is not None:  # waits (up to linger_ms) for slow same-host readers to take the rest
+            self._bell.close(linger_ms / 1000)
+            self._bell = None
         self._socket.close(linger=linger_ms)
         if self._gatekeeper is not None:  # after the socket: no handshake is left waiting on it
             self._gatekeeper.close()
@@ -242,9 +280,10 @@ def _start_gatekeeper(context: zmq.Context[Any], security: DataSecurity, logger:
 
 
 class Subscriber:
-    """One input of a node: a SUB socket on the upstream node's topic, counting gaps.
+    """One input of a node: the upstream node's topic, with gaps in sequence numbers counted.
 
-    With `shared_memory` (prefix, reader index) it takes the same-host variant of the topic and
+    From another machine it reads a ZeroMQ SUB socket. With `shared_memory` (prefix, reader
+    index: the publisher is on this machine) it reads the publisher's same-host socket instead and
     holds each shared-memory sample until `release(seq)`. `security` must match the publisher's
     (a mismatch is refused at the handshake: nothing arrives, the publisher never sees us subscribe).
     """
@@ -255,18 +294,22 @@ class Subscriber:
         self.key = key
         self.source, _, self.port = topic.decode().partition("/")
         self._log = logger
-        self._reader: shm.SlotReader | None = None
-        if shared_memory is not None:
-            topic = LOCAL_MARK + topic
-            self._reader = shm.SlotReader(shared_memory[0], shared_memory[1])
         self._topic = topic
-        self._socket: zmq.Socket[Any] = context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, LINGER_MS)
-        self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
-        self._socket.setsockopt(zmq.SUBSCRIBE, topic)
-        if security is not None:
-            security.connect_to(self._socket)
-        self._socket.connect(endpoint)
+        self._reader: shm.SlotReader | None = None
+        self._bell: bell.BellClient | None = None
+        self._socket: zmq.Socket[Any] | None = None
+        if shared_memory is not None:
+            prefix, index = shared_memory
+            self._bell = bell.BellClient(prefix, topic, shm.prefix_pid(prefix))
+            self._reader = shm.SlotReader(prefix, index)
+        else:
+            self._socket = context.socket(zmq.SUB)
+            self._socket.setsockopt(zmq.LINGER, LINGER_MS)
+            self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic)
+            if security is not None:
+                security.connect_to(self._socket)
+            self._socket.connect(endpoint)
         self.received = 0
         self._dropped_on_wire = 0
         self.malformed = 0
@@ -275,7 +318,11 @@ class Subscriber:
         self._final_seq: int | None = None  # how many the publisher sent, once it has finished
 
     @property
-    def socket(self) -> zmq.Socket[Any]:
+    def socket(self) -> zmq.Socket[Any] | int:
+        """What to poll for this input: its ZeroMQ socket, or the file descriptor of its same-host socket."""
+        if self._bell is not None:
+            return self._bell.fileno()
+        assert self._socket is not None
         return self._socket
 
     @property
@@ -293,8 +340,14 @@ class Subscriber:
     def settle(self) -> None:
         """Once the publisher has finished, an input with nothing left in its socket has ended:
         what never came was dropped on the way (counted by `count_unreceived`)."""
-        if self._final_seq is not None and not self.ended and not self._socket.poll(0):
+        if self._final_seq is not None and not self.ended and not self._pending():
             self.ended = True
+
+    def _pending(self) -> bool:
+        if self._bell is not None:
+            return self._bell.pending()
+        assert self._socket is not None
+        return bool(self._socket.poll(0))
 
     def count_unreceived(self) -> int:
         """At the end: samples the publisher sent that never arrived here count as dropped."""
@@ -313,11 +366,18 @@ class Subscriber:
     def receive(self) -> Sample | None:
         """The next sample waiting, or None when there is none (or the stream has ended)."""
         while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return None
-            sample = self._decode(frames)
+            if self._bell is not None:
+                record = self._bell.recv()
+                if record is None:
+                    return None
+                sample = self._decode_record(record)
+            else:
+                assert self._socket is not None
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return None
+                sample = self._decode(frames)
             if sample is not None:
                 return sample
             if self.ended:
@@ -331,14 +391,27 @@ class Subscriber:
     def _decode(self, frames: list[zmq.Frame]) -> Sample | None:
         if len(frames) < 2 or frames[0].bytes != self._topic:
             return None  # another port of the same node that shares our topic prefix
+        if len(frames) > 3:
+            return self._malformed(TransportError(f"{len(frames)} frames in a data message"))
+        return self._read(frames[1].buffer, frames[2].buffer if len(frames) == 3 else None)
+
+    def _decode_record(self, record: bytes) -> Sample | None:
         try:
-            header = decode_header(frames[1].buffer)
+            header, payload = bell.split(record)
+        except TransportError as err:
+            return self._malformed(err)
+        return self._read(header, payload)
+
+    def _read(self, raw_header: memoryview, payload: memoryview | None) -> Sample | None:
+        """One message: its header and its payload (None: the message had no payload part)."""
+        try:
+            header = decode_header(raw_header)
             if header.kind == KIND_END:
                 self._count_gap(header.seq)
                 self.ended = True
                 return None
-            if header.kind == KIND_SHM:
-                if self._reader is None or len(frames) != 2:
+            if header.kind in SHM_KINDS:
+                if self._reader is None or payload:
                     raise TransportError("a shared-memory reference reached a TCP input")
                 self._count_gap(header.seq)
                 self._next_seq = header.seq + 1
@@ -346,23 +419,29 @@ class Subscriber:
                                           np.dtype(header.dtype), header.shape)
                 if value is None:
                     return None  # stale: counted by the reader
+                if header.kind == KIND_SHM_OBJECT:
+                    try:
+                        value = unpack_object(value.data)
+                    finally:
+                        self._reader.release(header.seq)  # unpacked: the slot is free again
                 self.received += 1
                 return Sample(value, t_ns=header.t_ns, rate_hz=header.rate_hz, seq=header.seq)
-            if len(frames) != 3:
-                raise TransportError(f"{len(frames)} frames in a data message")
-            if header.kind == KIND_ARRAY:
-                value = array_from_payload(header, frames[2].buffer)
-            else:
-                value = unpack_object(frames[2].buffer)
+            if payload is None:
+                raise TransportError("a data message without its payload")
+            value = array_from_payload(header, payload) if header.kind == KIND_ARRAY else unpack_object(payload)
         except (TransportError, ValueError, TypeError) as err:
-            self.malformed += 1
-            if self.malformed == 1:
-                self._log.warning("input %s: dropped a malformed message (%s)", self.key, err)
-            return None
+            return self._malformed(err)
         self._count_gap(header.seq)
         self._next_seq = header.seq + 1
         self.received += 1
         return Sample(value, t_ns=header.t_ns, rate_hz=header.rate_hz, seq=header.seq)
+
+    def _malformed(self, err: Exception) -> Sample | None:
+        """Count and (once) log a message that is not ours to read; nothing to step on."""
+        self.malformed += 1
+        if self.malformed == 1:
+            self._log.warning("input %s: dropped a malformed message (%s)", self.key, err)
+        return None
 
     def _count_gap(self, seq: int) -> None:
         if seq > self._next_seq:
@@ -372,7 +451,10 @@ class Subscriber:
             self.ended = True
 
     def close(self) -> None:
-        self._socket.close(linger=LINGER_MS)
+        if self._socket is not None:
+            self._socket.close(linger=LINGER_MS)
+        if self._bell is not None:
+            self._bell.close()
         if self._reader is not None:
             self._reader.close()
             self._reader = None

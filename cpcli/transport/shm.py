@@ -46,6 +46,12 @@ def segment_prefix(session_tag: str, node_id: str, pid: int) -> str:
     return f"{PREFIX}_{session_tag}_{node_id}_{pid}"
 
 
+def prefix_pid(prefix: str) -> int | None:
+    """The pid of the process a segment prefix belongs to (None if it carries none)."""
+    tail = prefix.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 def clean_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlink segments whose creating process is gone (a node or `cp run` killed with -9)."""
     removed = []
@@ -182,8 +188,14 @@ class SlotPool:
         return SlotRef(index, generation)
 
     def _claim(self, nbytes: int) -> int | None:
-        """Lock a slot that no reader holds and no `all` reader still needs; grow if none."""
+        """Lock a slot that no reader holds and no `all` reader still needs; grow if none.
+
+        The pool first grows to its initial size, then goes round robin: a reference a reader has
+        not opened yet stays good for that many writes (a node writing several ports in one step
+        never overwrites the sample it has just sent)."""
         count = len(self._slots)
+        if count < self._initial:
+            return self._add_slot(nbytes)
         for offset in range(count):
             index = (self._next + offset) % count
             segment = self._slots[index]
