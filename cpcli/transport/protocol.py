@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -39,9 +38,10 @@ SHM_KINDS = (KIND_SHM, KIND_SHM_OBJECT)
 MAX_HEADER_BYTES = 4096  # headers are a handful of fields; anything larger is not ours
 
 
-@dataclass(frozen=True)
-class Header:
-    """What travels beside a payload: sequence number, capture time, and how to read the payload."""
+class Header(NamedTuple):
+    """What travels beside a payload: sequence number, capture time, and how to read the payload.
+
+    A named tuple, not a frozen dataclass: one is made per message, and this is the cheap immutable kind."""
 
     seq: int
     t_ns: int

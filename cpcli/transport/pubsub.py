@@ -13,6 +13,7 @@ false`), so a stranger can neither read a stream nor send the subscriptions that
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Publisher:
         self._known = {*self._topics.values(), *self._preview_topics.values()}
         self._bell: bell.BellServer | None = None
         self._prefix: str | None = None
+        self._shared_from = min(SHM_THRESHOLD_BYTES, bell.INLINE_MAX_BYTES)  # arrays this large go by slot
         self._previews: dict[str, preview.PreviewState] = {}
         self.previews_sent = 0
         self._seq = dict.fromkeys(ports, 0)
@@ -129,6 +131,7 @@ class Publisher:
     def share_memory(self, plan: SharedMemoryPlan) -> None:
         """Size the shared-memory pool for the readers on this machine (`open_local` first)."""
         self._plan = plan
+        self._shared_from = min(plan.threshold_bytes, bell.INLINE_MAX_BYTES)
 
     def handle_subscriptions(self) -> None:
         """Count subscribe/unsubscribe messages waiting on the socket; admit same-host readers."""
@@ -167,15 +170,15 @@ class Publisher:
         local = self._bell is not None and self._bell.readers(topic) > 0
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
             array = np.ascontiguousarray(value)
-            header = encode_header(Header(seq, t_ns, KIND_ARRAY, array.dtype.str, array.shape, rate_hz))
-            if local:
-                threshold = self._plan.threshold_bytes if self._plan is not None else SHM_THRESHOLD_BYTES
-                if array.nbytes >= min(threshold, bell.INLINE_MAX_BYTES):
-                    self._publish_shared(port, array, seq, t_ns, rate_hz, KIND_SHM)
-                else:
+            shared = local and array.nbytes >= self._shared_from
+            if shared:
+                self._publish_shared(port, array, seq, t_ns, rate_hz, KIND_SHM)
+            if remote or (local and not shared):
+                header = encode_header(Header(seq, t_ns, KIND_ARRAY, array.dtype.str, array.shape, rate_hz))
+                if local and not shared:
                     self._send_local(topic, (bell.frame(header), array.data))
-            if remote:
-                self._socket.send_multipart([topic, header, array.data], copy=False)
+                if remote:
+                    self._socket.send_multipart([topic, header, array.data], copy=False)
             return seq
         if local or remote:
             payload = pack_object(value)
@@ -277,6 +280,12 @@ def _start_gatekeeper(context: zmq.Context[Any], security: DataSecurity, logger:
                              hint="a ZeroMQ context holds one secured publisher; give each its own context") \
             from err
     return gatekeeper.start()
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype[Any]:
+    """numpy parses a dtype string on every call; a stream has one or two."""
+    return np.dtype(name)
 
 
 class Subscriber:
@@ -416,7 +425,7 @@ class Subscriber:
                 self._count_gap(header.seq)
                 self._next_seq = header.seq + 1
                 value = self._reader.open(shm.SlotRef(header.slot, header.generation), header.seq,
-                                          np.dtype(header.dtype), header.shape)
+                                          _dtype(header.dtype), header.shape)
                 if value is None:
                     return None  # stale: counted by the reader
                 if header.kind == KIND_SHM_OBJECT:

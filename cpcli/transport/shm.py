@@ -19,8 +19,8 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,8 +107,17 @@ class _Segment:
             os.close(self.fd)
             raise TransportError(f"cannot map shared memory {path} ({err.strerror})") from err
         self.size = size
+        self._payload: np.ndarray | None = None
+
+    @property
+    def payload(self) -> np.ndarray:
+        """The bytes after the header, as one writable uint8 array (made once: a slot is written often)."""
+        if self._payload is None:
+            self._payload = np.frombuffer(self.map, dtype=np.uint8, offset=HEADER_BYTES)
+        return self._payload
 
     def close(self, unlink: bool) -> None:
+        self._payload = None  # a view of the map: it would keep the map from closing
         with contextlib.suppress(BufferError, ValueError):
             self.map.close()  # a view still held elsewhere keeps the mapping; the fd goes anyway
         with contextlib.suppress(OSError):
@@ -118,9 +127,8 @@ class _Segment:
                 self.path.unlink()
 
 
-@dataclass(frozen=True)
-class SlotRef:
-    """What travels over ZeroMQ instead of the payload."""
+class SlotRef(NamedTuple):
+    """What travels instead of the payload (a named tuple: one is made per message)."""
 
     slot: int
     generation: int
@@ -161,17 +169,16 @@ class SlotPool:
     def write(self, payload: np.ndarray, seq: int, timeout_s: float) -> SlotRef | None:
         """Copy a payload into a free slot (the one copy); None if none freed up in time."""
         nbytes = payload.nbytes
-        deadline = time.monotonic() + timeout_s
-        started = time.monotonic()
-        while True:
-            index = self._claim(nbytes)
-            if index is not None:
-                break
-            if time.monotonic() >= deadline:
-                self.blocked_s += time.monotonic() - started
-                return None
-            time.sleep(BACKPRESSURE_POLL_S)
-        if time.monotonic() - started > BACKPRESSURE_POLL_S:
+        index = self._claim(nbytes)
+        if index is None:  # every slot is held: wait for a reader to let one go (backpressure)
+            started = time.monotonic()
+            deadline = started + timeout_s
+            while index is None:
+                if time.monotonic() >= deadline:
+                    self.blocked_s += time.monotonic() - started
+                    return None
+                time.sleep(BACKPRESSURE_POLL_S)
+                index = self._claim(nbytes)
             self.blocked_s += time.monotonic() - started
         segment = self._slots[index]
         assert segment is not None
@@ -179,9 +186,7 @@ class SlotPool:
         generation = self._generation
         try:
             _HEADER.pack_into(segment.map, 0, generation, nbytes)
-            target = np.frombuffer(segment.map, dtype=np.uint8, count=nbytes, offset=HEADER_BYTES)
-            np.copyto(target, payload.reshape(-1).view(np.uint8))
-            del target
+            np.copyto(segment.payload[:nbytes], payload.reshape(-1).view(np.uint8))
         finally:
             _unlock(segment.fd)
         self._seqs[index] = seq
@@ -232,7 +237,7 @@ class SlotPool:
 
     def _released_by_all(self, index: int) -> bool:
         seq = self._seqs[index]
-        if seq < 0:
+        if seq < 0 or not self._all_readers:
             return True
         for reader in self._all_readers:
             pid, released = int(self._readers[reader, 0]), int(self._readers[reader, 1])
