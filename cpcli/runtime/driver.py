@@ -183,9 +183,10 @@ class Driver:
         self._ports = tuple(cls.outputs)
         self._publisher = Publisher(self._context, self.node_id, self._ports, self._config.get("host", "127.0.0.1"),
                                     self._log, self._security)
-        self._poller.register(self._publisher.socket, zmq.POLLIN)
         prefix = None
-        if self._config.get("shared_memory") and shm.available():
+        if self._ports:  # a sink has nothing to publish: nothing to watch for (one less socket per wake-up)
+            self._poller.register(self._publisher.socket, zmq.POLLIN)
+        if self._ports and self._config.get("shared_memory") and shm.available():
             prefix = shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid())
             if self._publisher.open_local(prefix):  # readers on this machine connect here, not over TCP
                 self._poller.register(self._publisher.local_fd, zmq.POLLIN)
