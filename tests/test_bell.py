@@ -253,3 +253,40 @@ def _one(sub: Subscriber) -> Sample:
     found: list[Sample] = []
     _until(lambda: bool(found) or ((s := sub.receive()) is not None and not found.append(s)))
     return found[0]
+
+
+def test_a_node_id_too_long_for_a_socket_name_still_gets_the_same_host_path(context: zmq.Context[Any]) -> None:
+    prefix = shm.segment_prefix(uuid.uuid4().hex[:8], "n" * 150, os.getpid())  # ids have no length limit
+    pub = Publisher(context, "n" * 150, ["out"])
+    assert pub.open_local(prefix)
+    sub = Subscriber(context, "in", pub.endpoint, topic_for("n" * 150, "out"), log, shared_memory=(prefix, None))
+    try:
+        _until(lambda: pub.subscribers("out") == 1, pub.handle_subscriptions)
+        assert sub._bell is not None  # noqa: SLF001 - not the TCP fallback
+        pub.publish("out", np.ones((300, 300), np.float64), 1)
+        assert np.array_equal(_one(sub).value, np.ones((300, 300)))
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_reader_that_cannot_reach_the_socket_reads_over_tcp_unless_the_pool_waits_for_it(
+        context: zmq.Context[Any], caplog: pytest.LogCaptureFixture) -> None:
+    prefix = _prefix()
+    pub = Publisher(context, "cam", ["level"])
+    assert pub.open_local(prefix)
+    wrong = shm.segment_prefix("0" * 8, "cam", os.getpid())  # a socket nobody listens on
+    try:
+        with caplog.at_level(logging.WARNING, logger="test"):
+            sub = Subscriber(context, "cam", pub.endpoint, topic_for("cam", "level"), log, shared_memory=(wrong, None))
+        assert "reading it over TCP instead" in caplog.text
+        try:
+            _until(lambda: pub.subscribers("level") == 1, pub.handle_subscriptions)
+            pub.publish("level", {"db": -3.0}, 1)
+            assert _one(sub).value == {"db": -3.0}
+        finally:
+            sub.close()
+        with pytest.raises(TransportError, match="cannot reach"):  # `sync: all`: the pool would wait for it
+            Subscriber(context, "cam", pub.endpoint, topic_for("cam", "level"), log, shared_memory=(wrong, 0))
+    finally:
+        pub.close()

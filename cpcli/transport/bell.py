@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ HELLO = b"CPBELL1 "  # a reader's first record: this, then the topic it reads
 MAX_HELLO_BYTES = 1024
 INLINE_MAX_BYTES = 64 * 1024  # a payload larger than this goes through the shared-memory pool instead
 MAX_RECORD_BYTES = INLINE_MAX_BYTES + 8192  # header (<= 4096) + length prefix, with room to spare
+MAX_NAME_BYTES = 100  # an abstract Unix socket name: sun_path holds 107 bytes after its leading NUL
 _LENGTH = struct.Struct("<H")
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -49,8 +51,12 @@ def available() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_PEERCRED")
 
 
-def _address(name: str) -> str:
-    return "\0" + name
+def _address(name: str) -> bytes:
+    """The abstract socket address of `name`: a NUL, then the name, hashed when too long to fit."""
+    raw = name.encode()
+    if len(raw) > MAX_NAME_BYTES:  # node ids have no length limit; sun_path has
+        raw = b"cpcli_" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
+    return b"\0" + raw
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -124,7 +124,11 @@ class Publisher:
         this system has no such sockets (its readers then use TCP)."""
         if not bell.available():
             return False
-        self._bell = bell.BellServer(prefix, self._topics.values(), self._log, DATA_HWM)
+        try:
+            self._bell = bell.BellServer(prefix, self._topics.values(), self._log, DATA_HWM)
+        except TransportError as err:  # a sandbox without abstract sockets: TCP still works
+            self._log.warning("%s; readers on this machine will use TCP", err)
+            return False
         self._prefix = prefix
         return True
 
@@ -309,9 +313,15 @@ class Subscriber:
         self._socket: zmq.Socket[Any] | None = None
         if shared_memory is not None:
             prefix, index = shared_memory
-            self._bell = bell.BellClient(prefix, topic, shm.prefix_pid(prefix))
-            self._reader = shm.SlotReader(prefix, index)
-        else:
+            try:
+                self._bell = bell.BellClient(prefix, topic, shm.prefix_pid(prefix))
+                self._reader = shm.SlotReader(prefix, index)
+            except TransportError as err:
+                if index is not None:  # a `sync: all` reader the pool waits for: it must read the pool
+                    raise
+                # the publisher serves TCP too: slower, but nothing is lost
+                self._log.warning("input %s: %s; reading it over TCP instead", key, err)
+        if self._bell is None:
             self._socket = context.socket(zmq.SUB)
             self._socket.setsockopt(zmq.LINGER, LINGER_MS)
             self._socket.setsockopt(zmq.RCVHWM, DATA_HWM)
