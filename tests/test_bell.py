@@ -290,3 +290,34 @@ def test_a_reader_that_cannot_reach_the_socket_reads_over_tcp_unless_the_pool_wa
             Subscriber(context, "cam", pub.endpoint, topic_for("cam", "level"), log, shared_memory=(wrong, 0))
     finally:
         pub.close()
+
+
+def test_a_reader_killed_with_9_mid_stream_costs_the_publisher_nothing(context: zmq.Context[Any]) -> None:
+    prefix = _prefix()
+    pub = Publisher(context, "cam", ["level"])
+    assert pub.open_local(prefix)
+    code = (
+        "import sys, time\n"
+        "from cpcli.transport import bell\n"
+        f"client = bell.BellClient({prefix!r}, b'cam/level', {os.getpid()})\n"
+        "print('connected', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+        _until(lambda: pub.subscribers("level") == 1, pub.handle_subscriptions)
+        for i in range(200):  # it never reads: these fill its socket and the backlog
+            pub.publish("level", {"i": i, "pad": "x" * 1000}, i)
+        proc.kill()
+        proc.wait(5)
+        for i in range(200, 400):
+            pub.publish("level", {"i": i}, i)
+            pub.handle_subscriptions()
+        _until(lambda: pub.subscribers("level") == 0, pub.handle_subscriptions)
+        assert pub._bell is not None and pub._bell.backlog() == 0  # noqa: SLF001 - nothing kept for the dead
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        pub.close()
