@@ -16,13 +16,11 @@ from types import FrameType
 import typer
 
 from cpcli.cli.output import err_console, out_console
-from cpcli.cli.status import status_view
 from cpcli.cluster import keys
 from cpcli.cluster.discovery import DEFAULT_CLUSTER, Advertiser, ManagerAdvert, find_manager, interface_for
 from cpcli.cluster.keys import KeyRing
 from cpcli.cluster.locate import announce_local, forget_record, locate
 from cpcli.cluster.machine import address_towards, default_interface, manager_address
-from cpcli.cluster.manager import Manager, ManagerConfig
 from cpcli.cluster.messages import NAME_RE
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.cluster.worker import WorkerAgent, WorkerConfig
@@ -132,6 +130,8 @@ def manager_command(
     creds = ring.current()
     timing = timing_from_env()
     stop, forced = threading.Event(), threading.Event()
+    from cpcli.cluster.manager import Manager, ManagerConfig  # only `cp manager` needs the coordinator
+
     manager = Manager(ManagerConfig(name, cluster, host, port, data.resolve(), ring, timing,
                                     None if no_local_worker else name), stop,
                       logging.getLogger("cpcli.manager"), say)
@@ -291,6 +291,8 @@ def status_command(
     if as_json:
         out_console.print_json(json.dumps(status, default=str))
     else:
+        from cpcli.cli.status import status_view  # rich tables: only for a terminal
+
         for renderable in status_view(status):
             out_console.print(renderable)
     return 0
