@@ -8,7 +8,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -96,3 +96,13 @@ def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def wait_until(condition: Callable[[], bool], pump: Callable[[], None] | None = None, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) for `condition`, calling `pump` between looks (to move sockets along)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        if pump is not None:
+            pump()
+        time.sleep(0.002)

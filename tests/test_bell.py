@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from cpcli.errors import TransportError
 from cpcli.node import Sample
 from cpcli.transport import bell, shm
 from cpcli.transport.pubsub import DATA_HWM, Publisher, SharedMemoryPlan, Subscriber, topic_for
+from tests.conftest import wait_until as _until
 
 WAIT_S = 5.0
 log = logging.getLogger("test")
@@ -37,15 +37,6 @@ def _prefix(node: str = "cam") -> str:
     return shm.segment_prefix(uuid.uuid4().hex[:8], node, os.getpid())
 
 
-def _until(condition: Callable[[], bool], pump: Callable[[], None] | None = None) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        if pump is not None:
-            pump()
-        time.sleep(0.002)
-
-
 def _drain(sub: Subscriber, pub: Publisher, until: Callable[[list[Sample]], bool]) -> list[Sample]:
     got: list[Sample] = []
 
@@ -57,6 +48,14 @@ def _drain(sub: Subscriber, pub: Publisher, until: Callable[[list[Sample]], bool
 
     _until(lambda: until(got), pump)
     return got
+
+
+def _local_publisher(context: zmq.Context[Any], port: str) -> tuple[str, Publisher]:
+    """A publisher of node `cam` with its same-host socket open."""
+    prefix = _prefix()
+    pub = Publisher(context, "cam", [port])
+    assert pub.open_local(prefix)
+    return prefix, pub
 
 
 def _pair(context: zmq.Context[Any], port: str = "video", reader: int | None = None,
@@ -146,9 +145,7 @@ def test_a_reader_that_goes_away_is_forgotten_and_the_publisher_keeps_going(cont
 
 
 def test_strangers_are_closed_and_counted_and_a_reader_checks_whom_it_reached(context: zmq.Context[Any]) -> None:
-    prefix = _prefix()
-    pub = Publisher(context, "cam", ["video"])
-    assert pub.open_local(prefix)
+    prefix, pub = _local_publisher(context, "video")
     try:
         with pytest.raises(TransportError, match="held by pid"):
             bell.BellClient(prefix, b"cam/video", os.getpid() + 1)  # not the process the name says
@@ -182,9 +179,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a pr
 
 @root_only
 def test_a_reader_of_another_user_is_refused(context: zmq.Context[Any]) -> None:
-    prefix = _prefix()
-    pub = Publisher(context, "cam", ["video"])
-    assert pub.open_local(prefix)
+    prefix, pub = _local_publisher(context, "video")
     code = AS_NOBODY + (
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         f"s.connect({chr(0) + prefix!r})\n"
@@ -272,9 +267,7 @@ def test_a_node_id_too_long_for_a_socket_name_still_gets_the_same_host_path(cont
 
 def test_a_reader_that_cannot_reach_the_socket_reads_over_tcp_unless_the_pool_waits_for_it(
         context: zmq.Context[Any], caplog: pytest.LogCaptureFixture) -> None:
-    prefix = _prefix()
-    pub = Publisher(context, "cam", ["level"])
-    assert pub.open_local(prefix)
+    prefix, pub = _local_publisher(context, "level")
     wrong = shm.segment_prefix("0" * 8, "cam", os.getpid())  # a socket nobody listens on
     try:
         with caplog.at_level(logging.WARNING, logger="test"):
@@ -293,9 +286,7 @@ def test_a_reader_that_cannot_reach_the_socket_reads_over_tcp_unless_the_pool_wa
 
 
 def test_a_reader_killed_with_9_mid_stream_costs_the_publisher_nothing(context: zmq.Context[Any]) -> None:
-    prefix = _prefix()
-    pub = Publisher(context, "cam", ["level"])
-    assert pub.open_local(prefix)
+    prefix, pub = _local_publisher(context, "level")
     code = (
         "import sys, time\n"
         "from cpcli.transport import bell\n"

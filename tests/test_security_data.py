@@ -30,6 +30,7 @@ from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
 from cpcli.transport.curve import Credentials, DataSecurity, HandshakeWatch
 from cpcli.transport.pubsub import Publisher, Subscriber, topic_for
+from tests.conftest import wait_until
 
 WAIT_S = 5.0  # longest any single wait in these tests
 QUIET_S = 0.5  # how long "receives nothing" is watched for, after the refusal was seen
@@ -63,12 +64,7 @@ def contexts() -> Iterator[Callable[[], zmq.Context[Any]]]:
 
 
 def _until(condition: Callable[[], bool], pump: Callable[[], None] | None = None, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        if pump is not None:
-            pump()
-        time.sleep(0.005)
+    wait_until(condition, pump, timeout_s)
 
 
 def _receive(sub: Subscriber) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from cpcli.transport.protocol import (
     unpack_control,
 )
 from cpcli.transport.pubsub import Publisher, Subscriber, topic_for
+from tests.conftest import wait_until
 
 RECV_TIMEOUT_S = 5.0
 log = logging.getLogger("test")
@@ -41,12 +41,7 @@ def zmq_context() -> Iterator[zmq.Context[Any]]:
 
 
 def _until(condition: Any, pump: Any = None) -> None:
-    deadline = time.monotonic() + RECV_TIMEOUT_S
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        if pump is not None:
-            pump()
-        time.sleep(0.005)
+    wait_until(condition, pump, RECV_TIMEOUT_S)
 
 
 def _receive(sub: Subscriber) -> Sample:
