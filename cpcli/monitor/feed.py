@@ -20,8 +20,14 @@ import zmq
 from cpcli.errors import TransportError
 from cpcli.transport.curve import DataSecurity
 from cpcli.transport.preview import preview_topic
-from cpcli.transport.protocol import KIND_ARRAY, KIND_OBJECT, array_from_payload, decode_header, unpack_object
-from cpcli.transport.pubsub import topic_for
+from cpcli.transport.protocol import (
+    KIND_ARRAY,
+    KIND_OBJECT,
+    array_from_payload,
+    decode_header,
+    topic_for,
+    unpack_object,
+)
 
 PREVIEW_HWM = 8  # previews queued per publisher: twice a second each, an old one is worth nothing
 LINGER_MS = 0  # nothing we send (subscriptions) matters once we close

@@ -6,8 +6,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 LATENCY_WINDOW = 4096  # latest latencies kept for the percentiles: recent behaviour, bounded memory
 
 
@@ -106,5 +104,7 @@ class LatencyMeter:
     def percentiles_ms(self) -> dict[str, float]:
         if not self._values:
             return {"p50": 0.0, "p99": 0.0}
+        import numpy as np  # node processes have it loaded; the control plane never gets here
+
         p50, p99 = np.percentile(np.fromiter(self._values, dtype=np.int64), [50, 99])
         return {"p50": round(float(p50) / 1e6, 3), "p99": round(float(p99) / 1e6, 3)}

@@ -21,7 +21,6 @@ from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
-from cpcli.transport import shm
 from cpcli.transport.control import ControlServer
 from cpcli.transport.curve import DataSecurity
 from cpcli.transport.protocol import BOUND, CLOCK, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
@@ -68,6 +67,8 @@ class Supervisor:
     def start(self) -> None:
         """Spawn one process per node; each connects back and asks for its configuration."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        from cpcli.transport import shm  # numpy with it: only once a session starts, not when a worker joins
+
         for name in shm.clean_stale_segments():  # left by a session whose processes were killed
             self._log.info("removed stale shared memory %s", name)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -272,6 +273,8 @@ class Supervisor:
                           or f"did not stop in time and was terminated (see {self.log_path(node_id)})")
         self._server.close()
         self._context.term()
+        from cpcli.transport import shm
+
         shm.clean_stale_segments()  # segments of nodes that were killed before they could unlink
         return forced
 

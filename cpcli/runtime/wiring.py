@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpcli.runtime.plan import NodePlan
-from cpcli.transport.pubsub import topic_for
+from cpcli.transport.protocol import topic_for
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from cpcli.errors import TransportError
 
@@ -55,9 +58,10 @@ class Header(NamedTuple):
 
 def _plain(value: Any) -> Any:
     """msgpack hook: numpy scalars and small arrays become plain numbers and lists."""
-    if isinstance(value, np.generic):
+    np = sys.modules.get("numpy")  # not imported: then no value here is a numpy one (control-plane
+    if np is not None and isinstance(value, np.generic):  # processes start faster without it)
         return value.item()
-    if isinstance(value, np.ndarray):
+    if np is not None and isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (tuple, set, frozenset)):
         return list(value)
@@ -115,6 +119,8 @@ def decode_header(raw: bytes | memoryview) -> Header:
 
 def array_from_payload(header: Header, payload: memoryview | bytes) -> np.ndarray:
     """A read-only numpy view on a received buffer: no copy."""
+    import numpy as np
+
     try:
         dtype = np.dtype(header.dtype)
         if dtype.hasobject:
@@ -144,3 +150,8 @@ def unpack_control(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
     if not isinstance(body, dict):
         raise TransportError("control body is not a mapping")
     return frames[0], body
+
+
+def topic_for(node_id: str, port: str) -> bytes:
+    """The ZeroMQ topic of a node's output port."""
+    return f"{node_id}/{port}".encode()

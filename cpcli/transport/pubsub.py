@@ -38,6 +38,7 @@ from cpcli.transport.protocol import (
     decode_header,
     encode_header,
     pack_object,
+    topic_for,
     unpack_object,
 )
 
@@ -52,10 +53,6 @@ SHM_MAX_SLOTS = DATA_HWM // 2 - 8
 BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
 MAX_SUBSCRIPTION_BYTES = 1024  # a subscription names one of our topics: far shorter than this
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
-
-
-def topic_for(node_id: str, port: str) -> bytes:
-    return f"{node_id}/{port}".encode()
 
 
 @dataclass(frozen=True)
