@@ -104,6 +104,19 @@ def test_video_segments_decode_with_right_counts_sizes_and_timestamps(tmp_path: 
     _check_records(tmp_path, records)
 
 
+def test_a_closed_segment_has_its_timestamp_rows_on_disk_before_any_flush(tmp_path: Path) -> None:
+    """A crash right after a segment closed must not leave an .mp4 whose frames have no rows."""
+    writer = VideoSegments(_files(tmp_path, "video"), 0.5, LOG)
+    for i in range(12):  # segments 0 and 1 close at frames 5 and 10; nobody calls flush()
+        writer.write(i, i * 100 * MS, LOCAL_NS + i * 100 * MS, np.full((48, 64, 3), _fill(i), np.uint8), None)
+    closed = sorted(tmp_path.glob("video-*.mp4"))
+    assert [p.name for p in closed] == ["video-0000.mp4", "video-0001.mp4"]
+    on_disk = _rows(tmp_path / "video.timestamps.csv")  # read as a crash would leave it
+    for number, path in enumerate(closed):
+        assert sum(1 for r in on_disk if int(r["segment"]) == number) == len(_decode(path)) == 5
+    writer.close()
+
+
 def test_grayscale_video_uses_the_rate_given_and_decodes(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "gray"), 1.0, LOG)
     for i in range(6):

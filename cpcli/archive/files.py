@@ -178,6 +178,10 @@ class CsvSink:
     def flush(self) -> None:
         self._sink.flush()
 
+    def push(self) -> None:
+        """Hand buffered rows to the OS (they survive the process being killed; no fsync)."""
+        self._sink.push()
+
     def close(self) -> FileRecord:
         return self._sink.close()
 

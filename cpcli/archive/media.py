@@ -147,6 +147,8 @@ class VideoSegments(_Segments):
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.release()
+            if self._timestamps is not None:  # a segment that shows up whole has its rows on disk too,
+                self._timestamps.push()  # even if the process is killed before the next flush
             name = self._files.segment(self._number, "mp4")
             path = self._files.path(name)
             os.replace(path.parent / PARTIAL_DIR / name, path)
