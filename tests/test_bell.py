@@ -63,7 +63,7 @@ def _pair(context: zmq.Context[Any], port: str = "video", reader: int | None = N
     prefix = _prefix()
     pub = Publisher(context, "cam", [port])
     assert pub.open_local(prefix)
-    pub.share_memory(SharedMemoryPlan(prefix, 1, () if reader is None else (reader,), threshold))
+    pub.share_memory(SharedMemoryPlan(1, () if reader is None else (reader,), threshold))
     sub = Subscriber(context, "cam", pub.endpoint, topic_for("cam", port), log, shared_memory=(prefix, reader))
     _until(lambda: pub.subscribers(port) == 1, pub.handle_subscriptions)
     return pub, sub
@@ -224,7 +224,7 @@ def test_a_node_writing_two_large_ports_in_one_step_never_overwrites_the_first(c
     prefix = _prefix()
     pub = Publisher(context, "cam", ["color", "depth"])
     assert pub.open_local(prefix)
-    pub.share_memory(SharedMemoryPlan(prefix, 2))
+    pub.share_memory(SharedMemoryPlan(2))
     subs = [Subscriber(context, "cam", pub.endpoint, topic_for("cam", p), log, shared_memory=(prefix, None))
             for p in ("color", "depth")]
     try:

@@ -398,6 +398,12 @@ def _tree(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha(p) for p in folder.rglob("*") if p.is_file()}
 
 
+def _worker_parts(cluster: ClusterLab, session: str) -> tuple[dict[str, Path], dict[str, dict[str, str]]]:
+    """The session folder of each worker, and what each held before the collect."""
+    sources = {w: cluster.data(w) / session for w in ("w2", "w3")}
+    return sources, {w: _tree(folder) for w, folder in sources.items()}
+
+
 def _wait_ready(cluster: ClusterLab, address: str, worker: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # bounded by timeout_s
@@ -411,8 +417,7 @@ def test_delete_remote_asks_first_and_deletes_a_part_only_once_all_of_it_is_veri
         lab: Lab, tmp_path: Path) -> None:
     cluster, address, session = _session(lab, tmp_path)
     out = tmp_path / "out"
-    sources = {w: cluster.data(w) / session for w in ("w2", "w3")}
-    before = {w: _tree(folder) for w, folder in sources.items()}
+    sources, before = _worker_parts(cluster, session)
     records = _tree(cluster.data("m1") / session)
     assert {"manifest.json", "recipe.yaml", "events.jsonl"} <= records.keys()
 
@@ -461,8 +466,7 @@ def test_delete_remote_keeps_an_unreachable_workers_part_until_a_later_run_verif
         lab: Lab, tmp_path: Path) -> None:
     cluster, address, session = _session(lab, tmp_path)
     out = tmp_path / "out"
-    sources = {w: cluster.data(w) / session for w in ("w2", "w3")}
-    before = {w: _tree(folder) for w, folder in sources.items()}
+    sources, before = _worker_parts(cluster, session)
     lab.link_down(3)
     code, result, err = _collect(cluster, address, out, session, "--delete-remote", "--yes")
     assert code == 1, (result, err)

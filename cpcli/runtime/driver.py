@@ -209,7 +209,6 @@ class Driver:
         plan = wiring.get("shared_memory")
         if plan and self._publisher is not None and self._publisher.local_fd is not None:
             self._publisher.share_memory(SharedMemoryPlan(
-                prefix=shm.segment_prefix(self._config["session_tag"], self.node_id, os.getpid()),
                 local_readers=int(plan["local_readers"]), all_readers=tuple(plan["all_readers"]),
                 threshold_bytes=int(self._config.get("shm_threshold_bytes", 0)) or SHM_THRESHOLD_BYTES))
 

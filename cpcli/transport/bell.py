@@ -89,15 +89,13 @@ def _owned(parts: tuple[Any, ...]) -> tuple[bytes, ...]:
 class _Reader:
     """The publisher's end of one reader's connection."""
 
-    __slots__ = ("sock", "fd", "topic", "backlog", "dropped", "pid")
+    __slots__ = ("sock", "fd", "topic", "backlog")
 
-    def __init__(self, sock: socket.socket, topic: bytes, pid: int) -> None:
+    def __init__(self, sock: socket.socket, topic: bytes) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.topic = topic
         self.backlog: deque[tuple[bytes, ...]] = deque()
-        self.dropped = 0
-        self.pid = pid
 
 
 class BellServer:
@@ -124,7 +122,7 @@ class BellServer:
             raise TransportError(f"cannot open the same-host socket {name} ({err.strerror})") from err
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), select.EPOLLIN)
-        self._pending: dict[int, tuple[socket.socket, float, int]] = {}  # fd -> (socket, deadline, pid)
+        self._pending: dict[int, tuple[socket.socket, float]] = {}  # fd -> (socket, hello deadline)
         self._readers: dict[int, _Reader] = {}
         self._by_topic: dict[bytes, list[_Reader]] = {t: [] for t in self._topics}
         self.refused = 0  # connections from another user or with a bad hello
@@ -151,7 +149,7 @@ class BellServer:
                     self._flush(reader)
         if self._pending:
             now = time.monotonic()
-            for fd, (sock, deadline, _pid) in list(self._pending.items()):
+            for fd, (sock, deadline) in list(self._pending.items()):
                 if now > deadline:
                     self._refuse(fd, sock, "named no topic in time")
 
@@ -173,12 +171,12 @@ class BellServer:
                                       "node's user", self.name, uid, pid)
                 sock.close()
                 continue
-            self._pending[sock.fileno()] = (sock, time.monotonic() + PENDING_HELLO_S, pid)
+            self._pending[sock.fileno()] = (sock, time.monotonic() + PENDING_HELLO_S)
             self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             self._hello(sock.fileno())
 
     def _hello(self, fd: int) -> None:
-        sock, _deadline, pid = self._pending[fd]
+        sock, _deadline = self._pending[fd]
         try:
             record = sock.recv(MAX_HELLO_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -190,7 +188,7 @@ class BellServer:
             self._refuse(fd, sock, "left before naming a topic" if not record else "named no topic of ours")
             return
         del self._pending[fd]
-        reader = _Reader(sock, topic, pid)
+        reader = _Reader(sock, topic)
         self._readers[fd] = reader
         self._by_topic[topic].append(reader)
 
@@ -233,7 +231,6 @@ class BellServer:
                 self._flush(reader)
             if reader.backlog:
                 if len(reader.backlog) >= self._hwm and not force:
-                    reader.dropped += 1
                     self.dropped += 1
                 else:
                     reader.backlog.append(_owned(parts))
@@ -284,7 +281,7 @@ class BellServer:
                 self.handle()
         for reader in list(self._readers.values()):
             self._drop_reader(reader)
-        for sock, _deadline, _pid in self._pending.values():
+        for sock, _deadline in self._pending.values():
             sock.close()
         self._pending.clear()
         self._listener.close()

@@ -57,9 +57,9 @@ _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 
 @dataclass(frozen=True)
 class SharedMemoryPlan:
-    """How a publisher shares memory with the readers on its machine."""
+    """How a publisher shares memory with the readers on its machine (its segments are named by
+    the prefix given to `Publisher.open_local`)."""
 
-    prefix: str  # segment name prefix: per session, node and process
     local_readers: int  # subscriptions from this machine, to size the pool
     all_readers: tuple[int, ...] = ()  # reader indices of `sync: all` inputs (backpressure)
     threshold_bytes: int = SHM_THRESHOLD_BYTES
@@ -235,7 +235,7 @@ class Publisher:
 
     def _make_pool(self, nbytes: int) -> shm.SlotPool:
         assert self._prefix is not None and self._bell is not None
-        plan = self._plan or SharedMemoryPlan(self._prefix, sum(map(self._bell.readers, self._topics.values())))
+        plan = self._plan or SharedMemoryPlan(sum(map(self._bell.readers, self._topics.values())))
         initial = 2 + 2 * plan.local_readers
         most = max(initial, min(SHM_MAX_SLOTS, SHM_POOL_MAX_BYTES // max(1, nbytes + shm.HEADER_BYTES)))
         self._pool = shm.SlotPool(self._prefix, initial_slots=initial, max_slots=most)
