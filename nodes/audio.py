@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
+from cpcli.lazy import numpy as np
 from cpcli.node import Inputs, Node, NodeContext, NodeError, Outputs, Sample
 
 FLOOR_DBFS = -120.0  # stands for silence: below any real converter's noise, and CSV/JSON have no -inf

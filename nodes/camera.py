@@ -10,11 +10,9 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from cpcli.lazy import numpy as np
 from cpcli.node import Clock, DeviceError, DeviceInfo, Inputs, Node, NodeConfigError, NodeContext, Outputs, Sample
 
 MAX_WIDTH, MAX_HEIGHT = 7680, 4320  # 8K UHD: the largest frame any camera we target produces
@@ -36,7 +34,10 @@ PROBE_LINUX_MAX = 10  # `cp devices` looks at /dev/video0 .. /dev/video9
 PROBE_OTHER_MAX = 4  # elsewhere no node tells which indexes exist: try 0..3
 PROBE_BUDGET_S = 3.0  # `cp devices` stops probing cameras after this long
 
-Frame = npt.NDArray[np.uint8]
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`, `cp devices`) skips numpy
+    import numpy.typing as npt
+
+    Frame = npt.NDArray[np.uint8]
 
 
 def _check_int(what: str, value: object, low: int, high: int) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from cpcli.lazy import numpy as np
 from cpcli.node import Inputs, Node, NodeConfigError, NodeContext, NodeError, Outputs, Sample
+
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips numpy
+    import numpy.typing as npt
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"  # OpenCV's frontal-face model, shipped in cv2.data
 MAX_SIDE = 7680  # no face is larger than an 8K frame

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import queue
 import time
-from typing import Any
-
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from cpcli.node import (
     Clock,
@@ -46,6 +44,9 @@ from nodes.portaudio import (
     load_sounddevice,
     to_ns,
 )
+
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips numpy
+    import numpy.typing as npt
 
 
 class Microphone(Node):

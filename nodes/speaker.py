@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import queue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from cpcli.lazy import numpy as np
 from cpcli.node import (
     DeviceError,
     DeviceInfo,
@@ -35,6 +33,9 @@ from nodes.portaudio import (
     find_device,
     load_sounddevice,
 )
+
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips numpy
+    import numpy.typing as npt
 
 
 class Speaker(Node):

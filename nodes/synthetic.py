@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
+from cpcli.lazy import numpy as np
 from cpcli.node import Clock, Inputs, Node, NodeConfigError, NodeContext, Outputs, Sample
+
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips numpy
+    import numpy.typing as npt
 
 MAX_WIDTH, MAX_HEIGHT = 7680, 4320  # 8K UHD: the largest frame any camera we target produces
 MIN_SIDE = 16  # below this the frame number cannot be drawn legibly

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from cpcli.lazy import numpy as np
 from cpcli.node import Inputs, Node, NodeConfigError, NodeContext, NodeError, Outputs, Sample
 
 MAX_WIDTH, MAX_HEIGHT = 7680, 4320  # 8K UHD: the largest frame any camera we target produces
 FRAME_KINDS = "an HxW or HxWx3 uint8 array"
 
-Frame = npt.NDArray[np.uint8]
+if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips numpy
+    import numpy.typing as npt
+
+    Frame = npt.NDArray[np.uint8]
 
 
 def _check_int(what: str, value: object, low: int, high: int) -> int:
