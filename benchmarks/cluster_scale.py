@@ -139,9 +139,15 @@ def _children(pid: int) -> list[int]:
 def _node_of(pid: int) -> str:
     """The node id of a node process (`python -m cpcli.runtime.driver ... --node ID ...`), or ''."""
     with contextlib.suppress(OSError, ValueError, IndexError):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()  # forked: one string
         return argv[argv.index(b"--node") + 1].decode()
     return ""
+
+
+def _is_zygote(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return b"cpcli.runtime.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -346,6 +352,7 @@ class RunResult:
     dropped_in: int
     drops: dict[str, dict[str, int]]  # node -> input -> samples lost (sequence gaps), where any
     node_cpu_to_start_s: float  # sum over node processes
+    zygote_cpu_to_start_s: float  # sum over the workers' node launchers (they fork the node processes)
     worker_cpu_to_start_s: float  # the worker processes' own CPU, launch -> session start
     manager_cpu_to_start_s: float
     cp_run_cpu_to_start_s: float  # the `cp run` process (client)
@@ -362,6 +369,7 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
     watches = {n: LogWatch(w.log, (": starting ", ": recording")) for n, w in zip(names, workers, strict=True)}
     worker_pids = {w.pid: n for n, w in zip(names, workers, strict=True)}
     spawned: dict[int, tuple[str, float]] = {}  # node process pid -> (node id, monotonic start)
+    zygotes: set[int] = set()  # each worker's node launcher (`python -m cpcli.runtime.zygote`)
     cpu_at: dict[int, list[tuple[float, float]]] = {}  # pid -> (monotonic, cpu s) samples
     own_at: list[tuple[float, ...]] = []  # (monotonic, CPU s of: workers, manager, cp run, this process)
     load_to_start: dict[str, float] = {}
@@ -385,14 +393,19 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
                 load_to_start = load.stop()
             if now >= next_scan:
                 next_scan = now + SCAN_S
-                for pid in worker_pids:
+                for pid in [*worker_pids, *zygotes]:
                     for child in _children(pid):
+                        if child in zygotes:
+                            continue
+                        if pid in worker_pids and _is_zygote(child):
+                            zygotes.add(child)
+                            continue
                         known = spawned.get(child)
                         if known and known[0]:
                             continue
                         if (times := _proc_times(child)) is not None:  # no id yet: forked, not exec'd yet
                             spawned[child] = (_node_of(child), times[0])
-                for pid in spawned:
+                for pid in [*spawned, *zygotes]:
                     if (times := _proc_times(pid)) is not None:
                         cpu_at.setdefault(pid, []).append((now, times[1]))
                 own_at.append((now, sum(_cpu_s(p) for p in worker_pids), _cpu_s(manager.pid), _cpu_s(run.pid),
@@ -449,6 +462,8 @@ def measure_run(lab: Lab, cluster: ClusterLab, work: Path, manager: Proc, worker
         drops={n: dict(v["stats"]["dropped_in"]) for n, v in nodes.items()
                if any(v["stats"].get("dropped_in", {}).values())},
         node_cpu_to_start_s=sum(d.cpu_to_start_s or 0.0 for d in detail),
+        zygote_cpu_to_start_s=sum(before[-1][1] for z in zygotes
+                                  if (before := [(t, cpu) for t, cpu in cpu_at.get(z, []) if t <= start])),
         worker_cpu_to_start_s=last_s[1] - first_s[1], manager_cpu_to_start_s=last_s[2] - first_s[2],
         cp_run_cpu_to_start_s=last_s[3], bench_cpu_to_start_s=last_s[4] - first_s[4],
         load=load_to_start, settled_s=settled,
@@ -522,10 +537,11 @@ def render(join: JoinResult, run: RunResult | None, idle: IdleResult | None, n: 
             if d.cpu_to_start_s is not None:
                 by_type.setdefault(d.type, []).append(d.cpu_to_start_s)
         per_type = ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in sorted(by_type.items()))
-        total = run.node_cpu_to_start_s + run.worker_cpu_to_start_s + run.manager_cpu_to_start_s + \
-            run.cp_run_cpu_to_start_s
+        total = run.node_cpu_to_start_s + run.zygote_cpu_to_start_s + run.worker_cpu_to_start_s + \
+            run.manager_cpu_to_start_s + run.cp_run_cpu_to_start_s
         out.append(f"CPU from launch to session start: node processes {run.node_cpu_to_start_s:.1f} s (mean per "
-                   f"process: {per_type}), workers {run.worker_cpu_to_start_s:.1f} s, manager "
+                   f"process: {per_type}), node launchers (zygotes) {run.zygote_cpu_to_start_s:.1f} s, "
+                   f"workers {run.worker_cpu_to_start_s:.1f} s, manager "
                    f"{run.manager_cpu_to_start_s:.2f} s, cp run {run.cp_run_cpu_to_start_s:.2f} s; {total:.1f} CPU s "
                    f"= {total / ncpu:.1f} s of {ncpu} cores (and this benchmark's sampling "
                    f"{run.bench_cpu_to_start_s:.2f} s)")

@@ -59,8 +59,10 @@ def test_run_json_output_is_machine_readable(tmp_path: Path) -> None:
 def test_ctrl_c_stops_cleanly_with_exit_130_and_final_files(tmp_path: Path) -> None:
     proc = _launch(tmp_path)
     session = _wait_recording(tmp_path, proc)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) == 5
+    children = psutil.Process(proc.pid).children(recursive=True)  # the zygote and the nodes it forked
+    assert sorted(c.cmdline()[c.cmdline().index("--node") + 1] for c in children if "--node" in c.cmdline()) == \
+        ["cam", "gray", "level", "mic", "motion"]
+    assert len(children) == 6
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=15)

@@ -121,7 +121,7 @@ nodes:
         while len(segments() - before) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(segments() - before) >= 2, "the pool was never created"
-        src = next(c for c in psutil.Process(proc.pid).children() if "src" in c.cmdline())
+        src = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "src" in c.cmdline())
         src.kill()
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 1 and "node src failed" in err and "signal 9" in err

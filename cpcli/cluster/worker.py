@@ -40,6 +40,7 @@ from cpcli.runtime.disk import DEFAULT_MIN_FREE, DiskGuard
 from cpcli.runtime.plan import NodePlan, NodeState, plan_from_dict, status_to_dict
 from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
+from cpcli.runtime.zygote import Zygote
 from cpcli.transport.curve import Credentials, DataSecurity, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION
 from cpcli.units import Size
@@ -117,6 +118,7 @@ class WorkerAgent:
         self.clock: ClockMapping | None = None  # the latest estimate of this machine against the manager
         self._devices = _devices(registry, self._log)
         self._archive: ArchiveServer  # serves this worker's recordings to `cp collect`; lives as long as run()
+        self._zygote: Zygote | None = None  # forks node processes; started by the first session, kept for the next
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -136,6 +138,8 @@ class WorkerAgent:
                 self._clock_client.close()
             for session in self._sessions.values():
                 session.supervisor.close()
+            if self._zygote is not None:
+                self._zygote.close()
             if self._dealer is not None:
                 self._dealer.close(discard=not self._joined)
             self._context.term()
@@ -371,12 +375,16 @@ class WorkerAgent:
                                     shm_threshold_bytes=int(options.get("shm_threshold_bytes", 0)),
                                     external_wiring=True,
                                     data_security=DataSecurity(self.config.keys.current(),
-                                                               bool(options.get("encrypt_data", True)), name))
+                                                               bool(options.get("encrypt_data", True)), name),
+                                    zygote=self._node_launcher())
         except CpError as err:
             self._send(m.FAILED, {"session": name, "message": err.message, "hint": err.hint or ""})
             return
         except (KeyError, TypeError, ValueError) as err:
             self._send(m.FAILED, {"session": name, "message": f"malformed PREPARE ({type(err).__name__}: {err})"})
+            return
+        except OSError as err:  # the disk check, the session folder or the node launcher
+            self._send(m.FAILED, {"session": name, "message": f"cannot start the session here ({err})"})
             return
         duration = options.get("duration_s")
         session = _Session(name, plans, supervisor, session_dir, None if duration is None else float(duration),
@@ -393,6 +401,18 @@ class WorkerAgent:
             return
         self._announce(f"session {name}: starting {', '.join(p.id for p in plans)}")
         self._forget_old_sessions()
+
+    def _node_launcher(self) -> Zygote:
+        """The zygote that forks this worker's node processes: started once, again if it died."""
+        if self._zygote is not None:
+            self._zygote.pump(0)  # notices a zygote that ended since the last session
+            if not self._zygote.alive:
+                self._log.warning("the node launcher (zygote pid %s) had ended; starting a new one", self._zygote.pid)
+                self._zygote.close()
+                self._zygote = None
+        if self._zygote is None:
+            self._zygote = Zygote(logging.getLogger("cpcli.worker")).start()
+        return self._zygote
 
     def _resolve(self, data: dict[str, Any]) -> NodePlan:
         node_type = self._registry.types.get(str(data.get("type")))

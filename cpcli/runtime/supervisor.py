@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
+from cpcli.runtime.zygote import LaunchRequest, NodeProcess, Zygote, ZygoteError
 from cpcli.transport.control import ControlServer
 from cpcli.transport.curve import DataSecurity
 from cpcli.transport.protocol import BOUND, CLOCK, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
@@ -32,12 +32,13 @@ class Supervisor:
     def __init__(self, plans: list[NodePlan], session_dir: Path, worker: str, timing: Timing,
                  host: str = "127.0.0.1", logger: logging.Logger | None = None, *,
                  shared_memory: bool = True, shm_threshold_bytes: int = 0, external_wiring: bool = False,
-                 data_security: DataSecurity | None = None) -> None:
+                 data_security: DataSecurity | None = None, zygote: Zygote | None = None) -> None:
         """`host`: where node publishers listen (this worker's interface in a cluster; node control
         always stays on loopback). `external_wiring`: the nodes' upstreams live on other workers too,
         so the caller wires them (`bound`, then `connect`) instead of this supervisor. `data_security`:
         the session's keys for the node publishers and inputs (a cluster session; None: no keys, for
-        a session on one machine whose publishers bind loopback)."""
+        a session on one machine whose publishers bind loopback). `zygote`: a running node launcher
+        the caller keeps across sessions (None: this supervisor starts its own and ends it)."""
         self._plans = {p.id: p for p in plans}
         self._session_dir = session_dir
         self._worker = worker
@@ -46,7 +47,9 @@ class Supervisor:
         self._log = logger or logging.getLogger("cpcli.supervisor")
         self._context: zmq.Context[Any] = zmq.Context()
         self._server = ControlServer(self._context, "127.0.0.1", self._log)
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._zygote = zygote
+        self._own_zygote = zygote is None
+        self._procs: dict[str, NodeProcess] = {}
         self._status = {p.id: NodeStatus(p.id, p.type, NodeState.STARTING) for p in plans}
         self._bound: dict[str, Bound] = {}
         self._external_wiring = external_wiring
@@ -65,22 +68,26 @@ class Supervisor:
     # -- starting ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn one process per node; each connects back and asks for its configuration."""
+        """Start one process per node (forked by the zygote); each connects back for its configuration."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         from cpcli.transport import shm  # numpy with it: only once a session starts, not when a worker joins
 
         for name in shm.clean_stale_segments():  # left by a session whose processes were killed
             self._log.info("removed stale shared memory %s", name)
+        if self._zygote is None:
+            self._zygote = Zygote(self._log).start()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         security.give(env, self._data_security)  # the environment: not ps-visible, not on the control socket
+        modules = tuple(sorted({p.entry_point.partition(":")[0] for p in self._plans.values()}))
         for node_id in self._plans:
-            with open(self.log_path(node_id), "ab") as log:
-                self._procs[node_id] = subprocess.Popen(
-                    [sys.executable, "-m", "cpcli.runtime.driver", "--control", self._server.endpoint,
-                     "--node", node_id, "--parent", str(os.getpid())],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                )
-            self._set(node_id, pid=self._procs[node_id].pid, worker=self._worker)
+            self._set(node_id, worker=self._worker)
+            request = LaunchRequest(node_id, ("--control", self._server.endpoint, "--node", node_id), env,
+                                    self.log_path(node_id), modules)
+            try:
+                self._procs[node_id] = self._zygote.launch(request)
+            except ZygoteError as err:
+                self._set(node_id, state=NodeState.FAILED, error=f"could not start its process ({err})")
+                self.stop()
 
     def log_path(self, node_id: str) -> Path:
         return self.logs_dir / f"{node_id}.log"
@@ -153,6 +160,8 @@ class Supervisor:
             self._log.warning("control message from unknown node %r ignored", node_id)
             return
         if command == HELLO:
+            if self._status[node_id].pid is None and self._procs.get(node_id) is not None:
+                self._set(node_id, pid=self._procs[node_id].pid)
             self._server.send(node_id, CONFIG, self._config_for(plan))
             self._configured.add(node_id)
         elif command == BOUND:
@@ -224,14 +233,14 @@ class Supervisor:
 
     def _check_exit(self, node_id: str) -> None:
         proc = self._procs.get(node_id)
-        if proc is None or proc.poll() is None:
+        code = None if proc is None else proc.poll()
+        if proc is None or code is None:
             return
         status = self._status[node_id]
         if status.state in (NodeState.DONE, NodeState.FAILED):
             return
-        code = proc.returncode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        self._set(node_id, state=NodeState.FAILED,
+        how = proc.error or (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+        self._set(node_id, state=NodeState.FAILED, pid=proc.pid,
                   error=f"its process {how} (see {self.log_path(node_id)})")
         self.stop()
 
@@ -273,6 +282,8 @@ class Supervisor:
                           or f"did not stop in time and was terminated (see {self.log_path(node_id)})")
         self._server.close()
         self._context.term()
+        if self._own_zygote and self._zygote is not None:
+            self._zygote.close()
         from cpcli.transport import shm
 
         shm.clean_stale_segments()  # segments of nodes that were killed before they could unlink

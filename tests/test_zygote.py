@@ -1,0 +1,108 @@
+"""The node launcher: forked node processes, their exit statuses, signals, and the zygote's own end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cpcli.runtime.zygote import LOST_EXIT_CODE, LaunchRequest, NodeProcess, Zygote, ZygoteError
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+# Nobody answers on this endpoint: a node process waits for its configuration until it is stopped.
+SILENT_CONTROL = "tcp://127.0.0.1:9"
+
+
+def _launch(zygote: Zygote, tmp_path: Path, node_id: str, **env: str) -> NodeProcess:
+    request = LaunchRequest(node_id, ("--control", SILENT_CONTROL, "--node", node_id), dict(os.environ, **env),
+                            tmp_path / f"{node_id}.log", ("nodes.synthetic",))
+    return zygote.launch(request)
+
+
+def _forked(process: NodeProcess) -> bool:
+    process.poll()
+    return process.pid is not None
+
+
+def test_nodes_are_forked_show_their_command_line_and_report_how_they_ended(tmp_path: Path) -> None:
+    zygote = Zygote().start()
+    try:
+        a, b, c = (_launch(zygote, tmp_path, n) for n in ("alpha", "beta", "gamma"))
+        wait_until(lambda: all(_forked(p) for p in (a, b, c)), timeout_s=30)
+        for process in (a, b, c):
+            assert process.pid is not None
+            child = psutil.Process(process.pid)
+            assert child.ppid() == zygote.pid  # forked by the zygote, not spawned by us
+            wait_until(lambda c=child: "--node" in c.cmdline(), timeout_s=5)  # it names itself just after the fork
+            cmdline = child.cmdline()
+            assert "cpcli.runtime.driver" in cmdline and cmdline[cmdline.index("--node") + 1] == process.node_id
+            assert cmdline[cmdline.index("--parent") + 1] == str(zygote.pid)  # it stops when the zygote ends
+            assert child.name() == f"cp {process.node_id}"
+            assert process.poll() is None
+        a.terminate()  # the driver stops cleanly when asked
+        assert a.wait(10) == 0
+        b.kill()
+        assert b.wait(10) == -signal.SIGKILL
+        os.kill(c.pid or 0, signal.SIGSEGV)  # not through us: the zygote still reports how it ended
+        assert c.wait(10) == -signal.SIGSEGV
+        assert psutil.Process(zygote.pid or 0).children() == []  # all reaped
+        a.kill()  # a signal to an ended process goes nowhere (never to a recycled pid)
+    finally:
+        zygote.close()
+    assert zygote.pid is not None and not psutil.pid_exists(zygote.pid)
+
+
+def test_a_signal_sent_before_the_fork_reaches_the_process(tmp_path: Path) -> None:
+    zygote = Zygote().start()
+    try:
+        process = _launch(zygote, tmp_path, "early")
+        assert process.pid is None  # the zygote is still importing the driver
+        process.kill()
+        assert process.wait(30) == -signal.SIGKILL
+        assert process.pid is not None
+    finally:
+        zygote.close()
+
+
+def test_a_node_gets_the_environment_it_was_given_and_its_output_goes_to_its_log(tmp_path: Path) -> None:
+    zygote = Zygote().start()
+    try:
+        process = _launch(zygote, tmp_path, "envy", CP_DATA_SECURITY="not-a-valid-value")
+        # The driver refuses the malformed variable in one line and exits: the log has it.
+        assert process.wait(30) != 0
+        log = (tmp_path / "envy.log").read_text()
+        assert "CP_DATA_SECURITY is malformed" in log
+    finally:
+        zygote.close()
+
+
+def test_when_the_zygote_dies_its_nodes_stop_and_say_their_status_is_unknown(tmp_path: Path) -> None:
+    zygote = Zygote().start()
+    try:
+        process = _launch(zygote, tmp_path, "orphan")
+        wait_until(lambda: _forked(process), timeout_s=30)
+        os.kill(zygote.pid or 0, signal.SIGKILL)
+        assert process.wait(10) == LOST_EXIT_CODE  # it got SIGTERM from Linux as its parent died, and stopped
+        assert "exit status is unknown" in process.error
+        assert not psutil.pid_exists(process.pid or 0) or psutil.Process(process.pid or 0).status() == "zombie"
+        assert not zygote.alive
+        with pytest.raises(ZygoteError):
+            _launch(zygote, tmp_path, "late")
+    finally:
+        zygote.close()
+
+
+def test_the_zygote_ends_when_its_owner_closes_it(tmp_path: Path) -> None:
+    zygote = Zygote().start()
+    pid = zygote.pid
+    assert pid is not None
+    wait_until(lambda: "cpcli.runtime.zygote" in " ".join(psutil.Process(pid).cmdline()), timeout_s=10)
+    started = time.monotonic()
+    zygote.close()
+    assert time.monotonic() - started < 5 and not psutil.pid_exists(pid)
