@@ -25,6 +25,13 @@ def _launch(zygote: Zygote, tmp_path: Path, node_id: str, **env: str) -> NodePro
     return zygote.launch(request)
 
 
+def _catches(process: NodeProcess, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
 def _forked(process: NodeProcess) -> bool:
     process.poll()
     return process.pid is not None
@@ -45,6 +52,7 @@ def test_nodes_are_forked_show_their_command_line_and_report_how_they_ended(tmp_
             assert cmdline[cmdline.index("--parent") + 1] == str(zygote.pid)  # it stops when the zygote ends
             assert child.name() == f"cp {process.node_id}"
             assert process.poll() is None
+        wait_until(lambda: _catches(a, signal.SIGTERM), timeout_s=10)  # its driver is up
         a.terminate()  # the driver stops cleanly when asked
         assert a.wait(10) == 0
         b.kill()

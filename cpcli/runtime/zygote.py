@@ -41,6 +41,10 @@ from typing import Any
 
 import msgpack
 
+# Imported once by the zygote, not by each node: OpenCV (0.1-0.2 CPU s) serves every video node and
+# every recorded video stream. Not sounddevice: initialising PortAudio opens sound servers, which a
+# fork must not share.
+PRELOAD = ("cv2",)
 MAX_MESSAGE = 1 << 20  # an environment and a command line: far below this
 TITLE_ROOM = 320  # bytes of command line the zygote starts with, so each child can show its own
 REAP_POLL_MS = 1000  # the zygote's longest sleep: a SIGCHLD or a request wakes it sooner
@@ -428,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_title([sys.executable, "-m", "cpcli.runtime.zygote", "--parent", str(args.parent)])
     sock = socket.socket(fileno=args.fd)
     importlib.import_module("cpcli.runtime.driver")  # numpy, pyzmq, cpcli: what every node needs
+    _preload(PRELOAD)
     try:
         _serve(sock, args.parent)
     finally:
