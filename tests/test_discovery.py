@@ -45,16 +45,90 @@ logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(mess
 from cpcli.cluster.discovery import find_manager, find_managers
 from cpcli.errors import CpError
 how, interface, timeout_s, cluster = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] or None
+options = json.loads(sys.argv[5])  # keyword arguments, and "go": wait for a line on stdin first
+if options.pop("go", False):
+    print(json.dumps({"waiting": True}), flush=True)
+    sys.stdin.readline()
 started = time.monotonic()
 try:
     if how == "one":
-        out = {"found": [asdict(find_manager(interface, timeout_s, cluster))]}
+        out = {"found": [asdict(find_manager(interface, timeout_s, cluster, **options))]}
     else:
-        out = {"found": [asdict(a) for a in find_managers(interface, timeout_s, cluster)]}
+        out = {"found": [asdict(a) for a in find_managers(interface, timeout_s, cluster, **options)]}
 except CpError as err:
     out = {"error": type(err).__name__, "message": err.message, "hint": err.hint}
 out["elapsed_s"] = time.monotonic() - started
 print(json.dumps(out), flush=True)
+"""
+
+
+# Asks for _cpcli._tcp.local. PTR as a browser does (QM, from port 5353) and says when each of argv[2]
+# managers' multicast answers is heard: they then multicast their records, so for a second they may not again.
+ASK = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("", 5353))
+ip = socket.inet_aton(sys.argv[1])
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton("224.0.0.251") + ip)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, ip)
+s.sendto(struct.pack(">6H", 0, 0, 1, 0, 0, 0) + b"\\x06_cpcli\\x04_tcp\\x05local\\x00" + struct.pack(">2H", 12, 1),
+         ("224.0.0.251", 5353))
+s.settimeout(0.1)
+heard = set()
+deadline = time.monotonic() + 3.0
+while time.monotonic() < deadline and len(heard) < int(sys.argv[2]):
+    try:
+        data, sender = s.recvfrom(9000)
+    except TimeoutError:
+        continue
+    if len(data) > 2 and data[2] & 0x80 and b"_cpcli" in data and sender[0] not in heard:  # a response (QR)
+        heard.add(sender[0])
+        print("heard", sender[0], flush=True)
+"""
+# A responder that answers one-shot queries (from a port other than 5353) only, and only with what a
+# search must ignore: garbage, an answer with another id, one from another port, one for an address
+# outside the network (that one reaches the search's ignored list).
+FAKE = """
+import socket, sys, time
+from zeroconf import DNSIncoming, DNSOutgoing, ServiceInfo
+ip = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("", 5353))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton("224.0.0.251") + socket.inet_aton(ip))
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+other.bind((ip, 0))
+
+def answer(query, query_id, name, host):
+    info = ServiceInfo("_cpcli._tcp.local.", f"{name}@lab-a._cpcli._tcp.local.", port=5555,
+                       properties={"cluster": "lab-a", "name": name, "protocol": sys.argv[2], "key": ""},
+                       server=f"fake-{name}.local.", parsed_addresses=[host])
+    out = DNSOutgoing(0x8400, False, query_id)  # a response, authoritative, as to a one-shot query
+    for question in query.questions:
+        out.add_question(question)
+    out.add_answer_at_time(info.dns_pointer(), 0)
+    for record in (info.dns_service(), info.dns_text(), *info.dns_addresses()):
+        out.add_additional_answer(record)
+    return out.packets()[0]
+
+print("listening", flush=True)
+s.settimeout(0.1)
+deadline = time.monotonic() + 10.0
+while time.monotonic() < deadline:
+    try:
+        data, (addr, port) = s.recvfrom(9000)
+    except TimeoutError:
+        continue
+    query = DNSIncoming(data)
+    if port == 5353 or not query.valid or not query.is_query() or b"_cpcli" not in data:
+        continue
+    s.sendto(b"\\x00garbage", (addr, port))
+    s.sendto(answer(query, query.id ^ 1, "wrong-id", ip), (addr, port))
+    other.sendto(answer(query, query.id, "wrong-port", ip), (addr, port))
+    s.sendto(answer(query, query.id, "far", "192.0.2.1"), (addr, port))
 """
 
 
@@ -92,10 +166,26 @@ def stop(*procs: subprocess.Popen[bytes]) -> None:
 
 
 def start_find(lab: Lab, host: int, timeout_s: float, cluster: str = "", *, how: str = "one",
-               interface: str | None = None) -> subprocess.Popen[str]:
-    """Start a search (`how` = one: find_manager, all: find_managers) in `host`, on its bridge address."""
-    args = [how, interface or lab.ip(host), str(timeout_s), cluster]
-    return lab.python(host, FIND, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               interface: str | None = None, go: bool = False, **options: Any) -> subprocess.Popen[str]:
+    """Start a search (`how` = one: find_manager, all: find_managers) in `host`, on its bridge address.
+
+    `options` are passed on (settle_s=None: browse the whole timeout_s); `go`: the search starts, imports done,
+    only when `go()` says so.
+    """
+    args = [how, interface or lab.ip(host), str(timeout_s), cluster, json.dumps({"go": go, **options})]
+    proc = lab.python(host, FIND, args, stdin=subprocess.PIPE if go else subprocess.DEVNULL,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if go:
+        assert json.loads(read_line(proc, READY_TIMEOUT_S)) == {"waiting": True}
+    return proc
+
+
+def go(*searches: subprocess.Popen[str]) -> None:
+    """Start searches made with `start_find(go=True)`, all at once."""
+    for search in searches:
+        assert search.stdin is not None
+        search.stdin.write("go\n")
+        search.stdin.flush()
 
 
 def result(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
@@ -219,6 +309,53 @@ def test_two_clusters_on_one_lan_do_not_mix(lab: Lab) -> None:
                                              f"ignored: {everyone}",
         "hint": "is `cp manager --cluster lab-c` running on this network? or pass --manager HOST:PORT"}
     stop(*managers)
+
+
+def test_a_manager_that_just_multicast_its_answer_is_found_at_once(lab: Lab) -> None:
+    # RFC 6762 section 14: a record multicast within the last second is not multicast again before the
+    # second is up, so a browser asking now hears the manager a second later; a one-shot query, at once.
+    lab.add_host()
+    manager = advertise(lab, 1)
+    search = start_find(lab, 2, 0.5, how="all", settle_s=None, go=True)
+    asker = lab.python(3, ASK, [lab.ip(3), "1"], stdout=subprocess.PIPE)
+    assert read_line(asker, 3.0) == "heard 198.18.0.1"
+    go(search)
+    assert result(search, 0.5)["found"] == [advert_of(lab, 1)]
+    stop(manager)
+
+
+def test_managers_of_two_clusters_that_just_multicast_are_found_at_once_and_told_apart(lab: Lab) -> None:
+    lab.add_host()
+    lab.add_host()
+    managers = [advertise(lab, 1, cluster="lab-a", wait=False), advertise(lab, 3, cluster="lab-b", wait=False)]
+    ready(*managers)
+    searches = {"all": start_find(lab, 2, 0.5, how="all", settle_s=None, go=True),
+                "lab-a": start_find(lab, 2, 0.5, "lab-a", settle_s=0.25, go=True),
+                "lab-c": start_find(lab, 2, 0.5, "lab-c", settle_s=0.25, go=True)}
+    asker = lab.python(4, ASK, [lab.ip(4), "2"], stdout=subprocess.PIPE)
+    assert {read_line(asker, 3.0), read_line(asker, 3.0)} == {"heard 198.18.0.1", "heard 198.18.0.3"}
+    go(*searches.values())
+    replies = {what: result(search, 0.5) for what, search in searches.items()}
+    assert replies["all"]["found"] == [advert_of(lab, 1, "lab-a"), advert_of(lab, 3, "lab-b")]
+    assert replies["lab-a"]["found"] == [advert_of(lab, 1, "lab-a")]
+    assert replies["lab-c"]["message"] == ("no cpcli manager of cluster lab-c found on 198.18.0.2 within 0.5 s; "
+                                           "ignored: m1 of cluster lab-a at 198.18.0.1:5555, "
+                                           "m1 of cluster lab-b at 198.18.0.3:5555")
+    stop(*managers)
+
+
+def test_answers_to_one_shot_queries_are_checked_like_multicast_ones(lab: Lab) -> None:
+    lab.add_host()
+    manager = advertise(lab, 1)
+    fake = lab.python(3, FAKE, [lab.ip(3), str(PROTOCOL_VERSION)], stdout=subprocess.PIPE)
+    assert read_line(fake, 5.0) == "listening"
+    searches = {cluster: start_find(lab, 2, 1.0, cluster) for cluster in ("lab-a", "lab-b")}
+    replies = {cluster: result(search, 1.0) for cluster, search in searches.items()}
+    assert replies["lab-a"]["found"] == [advert_of(lab, 1)]  # not wrong-id nor wrong-port of 198.18.0.3
+    assert replies["lab-b"]["message"] == (
+        "no cpcli manager of cluster lab-b found on 198.18.0.2 within 1 s; ignored: far of cluster lab-a at "
+        "192.0.2.1:5555 (outside 198.18.0.0/24, the network of this interface), m1 of cluster lab-a at 198.18.0.1:5555")
+    stop(manager)
 
 
 def test_nothing_found_is_a_clear_error_within_the_timeout(lab: Lab) -> None:

@@ -7,20 +7,32 @@ interface's network. IP_MULTICAST_ALL=0 would stop that hearing at the socket, b
 Linux (seen on 6.18) then hands a packet to the wrong member of the port's group when only one of
 them joined its interface: two programs on different interfaces of one machine miss each other's
 traffic. So it is left alone.
+
+A search also asks by "one-shot" queries (RFC 6762 sections 5.1 and 6.7) from a UDP port of its own: a
+responder answers those by unicast to that port at once, while it multicasts a record at most once a
+second (section 14), so a worker asking just after another one would otherwise hear the manager a second
+or more later than that one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import queue
+import random
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psutil
-from zeroconf import (
+from zeroconf import (  # type: ignore[attr-defined]  # DNSIncoming, DNSOutgoing, DNSQuestion are not in __all__
+    DNSIncoming,
+    DNSOutgoing,
+    DNSQuestion,
     DNSQuestionType,
     IPVersion,
     NonUniqueNameException,
@@ -46,6 +58,13 @@ RESOLVE_S = 1.0  # SRV, TXT and A normally arrive with the PTR; a responder that
 # port 5353 with SO_REUSEPORT, so a unicast answer lands in any one of them, maybe not the asker.
 QUESTION = DNSQuestionType.QM
 MAX_EVENTS = 1000  # browser events handled per search; a LAN with more cpcli managers is not a lab
+MDNS_GROUP = ("224.0.0.251", 5353)  # RFC 6762 section 3; answers come from its port (section 6)
+TYPE_PTR, CLASS_IN = 12, 1  # RFC 1035 section 3.2
+# When a search sends its one-shot queries, in seconds after it starts: a query or answer lost on a busy
+# machine is asked for again soon, then about as rarely as the browser asks (0, 1, 5 and 14 s).
+ONE_SHOT_AT_S = (0.0, 0.25, 1.0, 5.0, 14.0)
+MAX_ANSWERS = 1000  # datagrams handled on a search's own port; past that only the browser listens
+LOOP_CALL_S = 5.0  # zeroconf's event loop runs a call of ours in microseconds; longer means it is stuck
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +252,8 @@ def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: flo
     stop_at = deadline
     zc = _open(interface)
     try:
-        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change], question_type=QUESTION)
-        try:
+        with (ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change], question_type=QUESTION),
+              _OneShotQueries(zc, interface, network)):  # its answers reach zc's cache, where both look
             for _ in range(MAX_EVENTS):
                 remaining_s = stop_at - time.monotonic()
                 if remaining_s <= 0:
@@ -255,8 +274,6 @@ def _search(interface: str, timeout_s: float, cluster: str | None, settle_s: flo
                         stop_at = min(time.monotonic() + settle_s, latest)
                 elif why:
                     ignored[name] = why
-        finally:
-            browser.cancel()
     except ZeroconfError as err:
         raise TransportError(f"mDNS browsing failed on {interface}: {type(err).__name__} {err}".rstrip()) from err
     finally:
@@ -296,6 +313,96 @@ def _resolve(zc: Zeroconf, name: str, timeout_s: float, network: ipaddress.IPv4N
                     advert.describe(), advert.key or "(none)", key)
         return None, f"{advert.describe()} (its key {advert.key or '(none)'} is not the one of this machine's token)"
     return advert, ""
+
+
+class _OneShotQueries(asyncio.DatagramProtocol):
+    """One-shot mDNS queries for managers from a UDP port of the search's own, on `interface` only: `with`.
+
+    They run on the event loop of `zc`, which owns the port between enter and exit. An answer is taken
+    only from port 5353 of an address in `network` and only with the id of a query sent; its records then
+    go into `zc`'s cache as a multicast answer's would, so the browser and `_resolve` see them there.
+    Such answers carry no cache-flush bit, so they push no record out; zeroconf's responders give the
+    full TTL rather than at most 10 s (RFC 6762 section 6.7), harmless in a cache that lives as long as
+    the search.
+    """
+
+    def __init__(self, zc: Zeroconf, interface: str, network: ipaddress.IPv4Network) -> None:
+        if zc.loop is None:
+            raise TransportError(f"mDNS on {interface} has no event loop running")
+        self._zc, self._loop, self._interface, self._network = zc, zc.loop, interface, network
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._ids: set[int] = set()
+        self._datagrams = 0
+
+    def __enter__(self) -> _OneShotQueries:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self._interface))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)  # RFC 6762 section 11
+            sock.bind((self._interface, 0))  # answers come to this address and port only
+            self._call(self._start(sock))
+        except BaseException as err:
+            sock.close()  # harmless when closed already
+            if isinstance(err, OSError):
+                raise TransportError(f"mDNS could not open a port to ask on {self._interface}: "
+                                     f"{err.strerror or err}") from err
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self._stop())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)  # Python 3.11's is not one by class
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._datagrams += 1
+        if self._datagrams >= MAX_ANSWERS and self._transport is not None:
+            self._transport.close()
+        host, port = addr[0], addr[1]
+        if port != MDNS_GROUP[1] or ipaddress.IPv4Address(host) not in self._network:
+            return
+        msg = DNSIncoming(data, (host, port))  # never raises: a packet it cannot parse is not valid
+        if msg.valid and msg.is_response() and msg.id in self._ids:
+            self._zc.record_manager.async_updates_from_response(msg)
+
+    def error_received(self, exc: Exception) -> None:
+        # A query that could not go out (the link is down, say); the next one, or the browser, may do better.
+        log.debug("mDNS one-shot query on %s: %s", self._interface, exc)
+
+    async def _start(self, sock: socket.socket) -> None:
+        await self._loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._timers = [self._loop.call_later(at_s, self._send) for at_s in ONE_SHOT_AT_S]
+
+    async def _stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+            await asyncio.sleep(0)  # the transport closes the socket on the next pass of the loop
+
+    def _send(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        # A fresh id each time: a responder ignores a packet identical to one it had in the last 0.8 s.
+        query_id = random.randint(1, 0xFFFF)
+        out = DNSOutgoing(0, False, query_id)  # flags 0: a query; multicast=False: it carries its id
+        out.add_question(DNSQuestion(SERVICE_TYPE, TYPE_PTR, CLASS_IN))
+        self._ids.add(query_id)
+        for packet in out.packets():
+            self._transport.sendto(packet, MDNS_GROUP)
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` on zeroconf's event loop and wait for it, bounded."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            future.result(LOOP_CALL_S)
+        except concurrent.futures.TimeoutError as err:
+            future.cancel()
+            raise TransportError(f"mDNS on {self._interface} did not respond within {LOOP_CALL_S:g} s",
+                                 hint="is this machine overloaded?") from err
 
 
 def _open(interface: str) -> Zeroconf:
