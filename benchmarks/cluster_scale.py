@@ -29,7 +29,9 @@ All times are this machine's monotonic clock, which every namespace shares.
    START carries the manager's start). Where the time goes: the session folder's creation (RUN
    reached the manager), the workers' "starting" / "recording" lines, each node process's start
    (/proc starttime), when its CPU went flat until the start (done starting: imports, setup,
-   wiring), and the CPU every process used until the session started.
+   wiring), and the CPU every process used until the session started. Node processes are forked
+   by each worker's node launcher (`python -m cpcli.runtime.zygote`, started at its first
+   session): its CPU (the imports every node shares) is counted on a line of its own.
 3. manager CPU idle: after the join (and 3 s of settling), the manager process's user+system
    time over `--idle-window` seconds (psutil, by its pid: `ip netns exec` execs, so the Popen
    pid is the manager itself), as % of one core, split by thread. Measured before step 2.

@@ -145,7 +145,7 @@ nodes:
     deadline = time.monotonic() + 20
     while len(segments() - before) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    children = psutil.Process(proc.pid).children()
+    children = psutil.Process(proc.pid).children(recursive=True)  # the zygote and its nodes
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
     _, alive = psutil.wait_procs(children, timeout=10)

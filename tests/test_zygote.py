@@ -10,6 +10,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cpcli.clock import Clock
+from cpcli.runtime.plan import NodePlan, NodeState
+from cpcli.runtime.supervisor import Supervisor
+from cpcli.runtime.timing import Timing
 from cpcli.runtime.zygote import LOST_EXIT_CODE, LaunchRequest, NodeProcess, Zygote, ZygoteError
 from tests.conftest import wait_until
 
@@ -21,7 +25,7 @@ SILENT_CONTROL = "tcp://127.0.0.1:9"
 
 def _launch(zygote: Zygote, tmp_path: Path, node_id: str, **env: str) -> NodeProcess:
     request = LaunchRequest(node_id, ("--control", SILENT_CONTROL, "--node", node_id), dict(os.environ, **env),
-                            tmp_path / f"{node_id}.log", ("nodes.synthetic",))
+                            tmp_path / f"{node_id}.log")
     return zygote.launch(request)
 
 
@@ -114,3 +118,57 @@ def test_the_zygote_ends_when_its_owner_closes_it(tmp_path: Path) -> None:
     started = time.monotonic()
     zygote.close()
     assert time.monotonic() - started < 5 and not psutil.pid_exists(pid)
+
+
+VERSIONED = """
+from cpcli.node import Node
+
+VERSION = {version}
+
+
+class Versioned(Node):
+    outputs = ("out",)
+    rate_hz = 50
+
+    def setup(self, ctx):
+        ctx.info["version"] = VERSION
+
+    def step(self, inputs):
+        return VERSION
+"""
+
+
+def _session_version(zygote: Zygote, session_dir: Path, module: str) -> object:
+    """Run one node of `module`'s Versioned type through `zygote`; the VERSION it reported."""
+    plan = NodePlan("v", "versioned", f"{module}:Versioned", {}, False, "latest", 0.0, (), ("out",))
+    timing = Timing(ready_timeout_s=20.0, drain_timeout_s=1.0, exit_timeout_s=5.0)
+    with Supervisor([plan], session_dir, "lab", timing, zygote=zygote) as supervisor:
+        supervisor.start()
+        wait_until(lambda: supervisor.all_ready or bool(supervisor.failures), pump=lambda: supervisor.poll(20),
+                   timeout_s=20)
+        assert not supervisor.failures, supervisor.failures
+        supervisor.begin(Clock().now_ns())
+        supervisor.stop()
+        supervisor.wait_finished(10)
+        status = supervisor.nodes["v"]
+    assert status.state == NodeState.DONE, status
+    return status.info.get("version")
+
+
+def test_a_node_type_edited_between_sessions_runs_as_edited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker keeps its zygote across sessions; node modules are imported by each child, so an
+    # edit of a node type takes effect in the next session, as with a fresh interpreter per node.
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    module = plugins / "cpcli_versioned_node.py"
+    module.write_text(VERSIONED.format(version=1))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH")) if p))
+    zygote = Zygote().start()  # one for both sessions, as a worker keeps it
+    try:
+        assert _session_version(zygote, tmp_path / "one", module.stem) == 1
+        module.write_text(VERSIONED.format(version=2))
+        stat = module.stat()
+        os.utime(module, (stat.st_atime, stat.st_mtime + 2))  # a later edit (bytecode caches go by mtime)
+        assert _session_version(zygote, tmp_path / "two", module.stem) == 2
+    finally:
+        zygote.close()

@@ -78,11 +78,10 @@ class Supervisor:
             self._zygote = Zygote(self._log).start()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         security.give(env, self._data_security)  # the environment: not ps-visible, not on the control socket
-        modules = tuple(sorted({p.entry_point.partition(":")[0] for p in self._plans.values()}))
         for node_id in self._plans:
             self._set(node_id, worker=self._worker)
             request = LaunchRequest(node_id, ("--control", self._server.endpoint, "--node", node_id), env,
-                                    self.log_path(node_id), modules)
+                                    self.log_path(node_id))
             try:
                 self._procs[node_id] = self._zygote.launch(request)
             except ZygoteError as err:

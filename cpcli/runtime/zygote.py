@@ -4,9 +4,11 @@ A fresh `python -m cpcli.runtime.driver` spends about 0.25 CPU s before the node
 starts (interpreter, numpy, pyzmq, cpcli, the node's module); a 2-core laptop starting ten nodes
 loses more than a second to that, a 16-worker lab on few cores much more. The zygote is spawned
 once per worker (a clean interpreter: no threads, no sockets, no ZeroMQ context), imports the
-driver and each requested node module once, and forks one child per node. The child points its
-output at the node's log, takes the environment the supervisor gave it, shows the driver's
-command line in `ps`, and runs the driver's `main` as a spawned node would.
+driver and the heavy libraries once, and forks one child per node. The child points its output
+at the node's log, takes the environment the supervisor gave it, shows the driver's command line
+in `ps`, and runs the driver's `main` as a spawned node would. Node modules are imported by each
+child, never by the zygote: a node type edited on disk between two sessions runs as edited in
+the next one, as it did when every node was a fresh interpreter.
 
 Ownership stays with the supervisor although the zygote is the parent: the zygote reports each
 child's pid, the supervisor opens a pidfd on it (a signal can never reach a recycled pid) and
@@ -68,7 +70,6 @@ class LaunchRequest:
     argv: tuple[str, ...]  # cpcli.runtime.driver's arguments but --parent (the child adds the zygote's pid)
     env: Mapping[str, str]  # the whole environment of the node process
     log_path: Path  # its stdout and stderr (appended)
-    modules: tuple[str, ...] = ()  # imported in the zygote first, so every child shares them
 
 
 class NodeProcess:
@@ -192,7 +193,7 @@ class Zygote:
         self._next_id += 1
         process = NodeProcess(self, request.node_id, self._next_id)
         self._send({"t": "fork", "id": process.request_id, "node": request.node_id, "argv": list(request.argv),
-                    "env": dict(request.env), "log": str(request.log_path), "modules": list(request.modules)})
+                    "env": dict(request.env), "log": str(request.log_path)})
         self._children[process.request_id] = process
         return process
 
@@ -343,6 +344,7 @@ def _child(request: dict[str, Any], zygote_pid: int) -> int:
     os.close(log)
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
+    importlib.invalidate_caches()  # node modules are imported here, fresh: see folders as they are now
     random.seed()
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:  # the legacy global generator was copied from the zygote: reseed it
@@ -356,7 +358,6 @@ def _child(request: dict[str, Any], zygote_pid: int) -> int:
 
 
 def _fork(sock: socket.socket, wakeup_r: int, request: dict[str, Any]) -> int:
-    _preload(str(m) for m in request.get("modules", ()))
     zygote_pid = os.getpid()
     pid = os.fork()
     if pid:
