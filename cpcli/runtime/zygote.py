@@ -333,7 +333,6 @@ def _preload(modules: Iterable[str]) -> None:
 
 def _child(request: dict[str, Any], zygote_pid: int) -> int:
     """In the forked child: become the node process the request describes, run it, return its exit code."""
-    signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDONLY)
     log = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -357,7 +356,7 @@ def _child(request: dict[str, Any], zygote_pid: int) -> int:
     return driver.main(argv)
 
 
-def _fork(sock: socket.socket, wakeup_r: int, request: dict[str, Any]) -> int:
+def _fork(sock: socket.socket, wakeup: tuple[int, int], request: dict[str, Any]) -> int:
     zygote_pid = os.getpid()
     pid = os.fork()
     if pid:
@@ -365,7 +364,9 @@ def _fork(sock: socket.socket, wakeup_r: int, request: dict[str, Any]) -> int:
     code = 1
     try:
         sock.close()
-        os.close(wakeup_r)
+        signal.set_wakeup_fd(-1)
+        for fd in wakeup:
+            os.close(fd)
         code = _child(request, zygote_pid)
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
@@ -400,7 +401,7 @@ def _serve(sock: socket.socket, parent_pid: int) -> None:
             request = msgpack.unpackb(data)
             if request.get("t") == "fork":
                 try:
-                    pid = _fork(sock, wakeup_r, request)
+                    pid = _fork(sock, (wakeup_r, wakeup_w), request)
                 except OSError as err:
                     replies.append({"t": "failed", "id": request.get("id"), "error": str(err)})
                 else:
