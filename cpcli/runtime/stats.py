@@ -106,5 +106,15 @@ class LatencyMeter:
             return {"p50": 0.0, "p99": 0.0}
         import numpy as np  # node processes have it loaded; the control plane never gets here
 
-        p50, p99 = np.percentile(np.fromiter(self._values, dtype=np.int64), [50, 99])
-        return {"p50": round(float(p50) / 1e6, 3), "p99": round(float(p99) / 1e6, 3)}
+        # np.percentile's linear interpolation on a sorted copy: np.percentile itself costs several
+        # times more per call and loads numpy.ma (0.1 CPU s) the first time, in every node process.
+        ordered = np.sort(np.fromiter(self._values, dtype=np.int64))
+        return {"p50": round(_quantile(ordered, 0.50) / 1e6, 3), "p99": round(_quantile(ordered, 0.99) / 1e6, 3)}
+
+
+def _quantile(ordered: Any, q: float) -> float:
+    """The `q` quantile of sorted values, interpolated linearly as np.percentile does by default."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low]) + (float(ordered[high]) - float(ordered[low])) * (position - low)
