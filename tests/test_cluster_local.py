@@ -198,3 +198,31 @@ def test_mark_goes_into_the_cluster_session(manager: LocalManager, tmp_path: Pat
     marks = [e for e in events if e["event"] == "mark"]
     assert marks == [{"t_ns": reply["t_ns"], "event": "mark", "label": "task_start", "meta": {"block": 2}}]
     assert 0 < reply["t_ns"] < 4e9
+
+
+def _launchers(manager: LocalManager) -> list[int]:
+    """Pids of the node launchers (zygotes) of the manager's local worker."""
+    import psutil
+
+    return [c.pid for c in psutil.Process(manager.proc.pid).children()
+            if "cpcli.runtime.zygote" in " ".join(c.cmdline())]
+
+
+def test_the_worker_keeps_its_node_launcher_and_replaces_a_dead_one(manager: LocalManager, tmp_path: Path) -> None:
+    assert _launchers(manager) == []  # started by the first session, not by joining
+    first = cp("run", DEMO, "--duration", "1s", cwd=tmp_path, timeout=60)
+    assert first.returncode == 0, first.stderr
+    launcher = _launchers(manager)
+    assert len(launcher) == 1
+    second = cp("run", DEMO, "--duration", "1s", cwd=tmp_path, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert _launchers(manager) == launcher  # the same one served the next session
+    os.kill(launcher[0], signal.SIGKILL)
+    third = cp("run", DEMO, "--duration", "1s", cwd=tmp_path, timeout=60)
+    assert third.returncode == 0, third.stderr  # a new launcher, the session complete
+    replaced = _launchers(manager)
+    assert len(replaced) == 1 and replaced != launcher
+    assert "had ended; starting a new one" in manager.text()
+    sessions = sorted(manager.data.glob("*_demo"))
+    assert len(sessions) == 3
+    assert all(json.loads((s / "manifest.json").read_text())["status"] == "complete" for s in sessions)
