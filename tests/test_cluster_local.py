@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT, cp, write_recipe
@@ -202,8 +203,6 @@ def test_mark_goes_into_the_cluster_session(manager: LocalManager, tmp_path: Pat
 
 def _launchers(manager: LocalManager) -> list[int]:
     """Pids of the node launchers (zygotes) of the manager's local worker."""
-    import psutil
-
     return [c.pid for c in psutil.Process(manager.proc.pid).children()
             if "cpcli.runtime.zygote" in " ".join(c.cmdline())]
 
