@@ -64,7 +64,7 @@ class ZygoteError(Exception):
 
 @dataclass(frozen=True)
 class LaunchRequest:
-    """One node process to start: the driver's arguments, its environment, its log, what it imports."""
+    """One node process to start: the driver's arguments, its environment and its log."""
 
     node_id: str
     argv: tuple[str, ...]  # cpcli.runtime.driver's arguments but --parent (the child adds the zygote's pid)
