@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from cpcli.runtime.plan import NodePlan, NodeState
 from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.zygote import LOST_EXIT_CODE, LaunchRequest, NodeProcess, Zygote, ZygoteError
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -172,3 +174,24 @@ def test_a_node_type_edited_between_sessions_runs_as_edited(tmp_path: Path, monk
         assert _session_version(zygote, tmp_path / "two", module.stem) == 2
     finally:
         zygote.close()
+
+
+def test_cp_node_start_spawn_starts_each_node_as_a_fresh_interpreter(tmp_path: Path) -> None:
+    # The escape hatch (and the path on systems without pidfds): no zygote, nodes are children of cp run.
+    env = dict(os.environ, CP_NODE_START="spawn")
+    proc = subprocess.Popen([sys.executable, "-m", "cpcli", "run", str(ROOT / "recipes" / "demo.yaml"),
+                             "--duration", "3s", "--out", str(tmp_path / "s")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: len(psutil.Process(proc.pid).children()) >= 5 or proc.poll() is not None, timeout_s=20)
+        children = psutil.Process(proc.pid).children()
+        nodes = [c.cmdline() for c in children]
+        assert all("cpcli.runtime.driver" in argv for argv in nodes) and len(nodes) == 5, nodes
+        assert all(argv[argv.index("--parent") + 1] == str(proc.pid) for argv in nodes)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    assert "session complete" in out

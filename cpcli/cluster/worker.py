@@ -41,6 +41,7 @@ from cpcli.runtime.plan import NodePlan, NodeState, plan_from_dict, status_to_di
 from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.zygote import Zygote
+from cpcli.runtime.zygote import supported as zygote_supported
 from cpcli.transport.curve import Credentials, DataSecurity, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION
 from cpcli.units import Size
@@ -402,8 +403,11 @@ class WorkerAgent:
         self._announce(f"session {name}: starting {', '.join(p.id for p in plans)}")
         self._forget_old_sessions()
 
-    def _node_launcher(self) -> Zygote:
-        """The zygote that forks this worker's node processes: started once, again if it died."""
+    def _node_launcher(self) -> Zygote | None:
+        """The zygote that forks this worker's node processes: started once, again if it died (None:
+        this system spawns each node instead)."""
+        if not zygote_supported():
+            return None
         if self._zygote is not None:
             self._zygote.pump(0)  # notices a zygote that ended since the last session
             if not self._zygote.alive:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import zmq
 
 from cpcli.clock import ClockMapping
 from cpcli.runtime import security
+from cpcli.runtime import zygote as launcher
 from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
@@ -49,7 +51,7 @@ class Supervisor:
         self._server = ControlServer(self._context, "127.0.0.1", self._log)
         self._zygote = zygote
         self._own_zygote = zygote is None
-        self._procs: dict[str, NodeProcess] = {}
+        self._procs: dict[str, NodeProcess | subprocess.Popen[bytes]] = {}
         self._status = {p.id: NodeStatus(p.id, p.type, NodeState.STARTING) for p in plans}
         self._bound: dict[str, Bound] = {}
         self._external_wiring = external_wiring
@@ -74,16 +76,22 @@ class Supervisor:
 
         for name in shm.clean_stale_segments():  # left by a session whose processes were killed
             self._log.info("removed stale shared memory %s", name)
-        if self._zygote is None:
+        if self._zygote is None and launcher.supported():
             self._zygote = Zygote(self._log).start()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         security.give(env, self._data_security)  # the environment: not ps-visible, not on the control socket
         for node_id in self._plans:
             self._set(node_id, worker=self._worker)
-            request = LaunchRequest(node_id, ("--control", self._server.endpoint, "--node", node_id), env,
-                                    self.log_path(node_id))
+            argv = ("--control", self._server.endpoint, "--node", node_id)
+            if self._zygote is None:  # no zygote on this system: a fresh interpreter per node
+                with open(self.log_path(node_id), "ab") as log:
+                    self._procs[node_id] = subprocess.Popen(
+                        [sys.executable, "-m", "cpcli.runtime.driver", *argv, "--parent", str(os.getpid())],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+                self._set(node_id, pid=self._procs[node_id].pid)
+                continue
             try:
-                self._procs[node_id] = self._zygote.launch(request)
+                self._procs[node_id] = self._zygote.launch(LaunchRequest(node_id, argv, env, self.log_path(node_id)))
             except ZygoteError as err:
                 self._set(node_id, state=NodeState.FAILED, error=f"could not start its process ({err})")
                 self.stop()
@@ -238,7 +246,8 @@ class Supervisor:
         status = self._status[node_id]
         if status.state in (NodeState.DONE, NodeState.FAILED):
             return
-        how = proc.error or (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+        why_unknown = proc.error if isinstance(proc, NodeProcess) else ""
+        how = why_unknown or (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
         self._set(node_id, state=NodeState.FAILED, pid=proc.pid,
                   error=f"its process {how} (see {self.log_path(node_id)})")
         self.stop()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import importlib
 import logging
 import os
@@ -56,6 +57,25 @@ LOST_EXIT_CODE = 1  # the exit status of a child whose zygote died before report
 _ORPHANED = "ended after its node launcher (zygote) did; its exit status is unknown"
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
+
+
+NODE_START_ENV = "CP_NODE_START"  # "spawn": a fresh interpreter per node, as before the zygote
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether node processes are forked by a zygote here: Linux with pidfds (kernel 5.3+), unless
+    CP_NODE_START=spawn asks for a fresh interpreter per node (slower; for a node type that cannot
+    live in a forked process). Elsewhere the supervisor spawns each node."""
+    if os.environ.get(NODE_START_ENV, "").strip().lower() == "spawn" or not sys.platform.startswith("linux"):
+        return False
+    if not (hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal") and hasattr(socket, "SOCK_SEQPACKET")):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # an older kernel
+        return False
+    return True
 
 
 class ZygoteError(Exception):
