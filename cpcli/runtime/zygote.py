@@ -48,7 +48,8 @@ import msgpack
 # every recorded video stream. Not sounddevice: initialising PortAudio opens sound servers, which a
 # fork must not share.
 PRELOAD = ("cv2",)
-MAX_MESSAGE = 1 << 20  # an environment and a command line: far below this
+MAX_MESSAGE = 1 << 20  # a fork request (an environment and a command line): far below this
+MAX_REPLY = 4096  # forked / failed / exited: tens of bytes; read on every poll of a node, so kept small
 TITLE_ROOM = 320  # bytes of command line the zygote starts with, so each child can show its own
 REAP_POLL_MS = 1000  # the zygote's longest sleep: a SIGCHLD or a request wakes it sooner
 START_TIMEOUT_S = 60.0  # spawn -> first fork, at most (imports on a loaded 2-core machine)
@@ -228,7 +229,7 @@ class Zygote:
             select.select([self._sock], [], [], timeout_s)
         for _ in range(10_000):  # bounded: each turn takes one message off a finite queue
             try:
-                data = self._sock.recv(MAX_MESSAGE)
+                data = self._sock.recv(MAX_REPLY)
             except BlockingIOError:
                 return
             except OSError as err:
@@ -423,7 +424,7 @@ def _serve(sock: socket.socket, parent_pid: int) -> None:
                 try:
                     pid = _fork(sock, (wakeup_r, wakeup_w), request)
                 except OSError as err:
-                    replies.append({"t": "failed", "id": request.get("id"), "error": str(err)})
+                    replies.append({"t": "failed", "id": request.get("id"), "error": str(err)[:500]})
                 else:
                     replies.append({"t": "forked", "id": request.get("id"), "pid": pid})
             elif request.get("t") == "ack":
