@@ -17,12 +17,12 @@ import zmq
 
 from cpcli.clock import ClockMapping
 from cpcli.runtime import security
-from cpcli.runtime import zygote as launcher
 from cpcli.runtime.plan import NodePlan, NodeState, NodeStatus
 from cpcli.runtime.stats import NodeStats
 from cpcli.runtime.timing import Timing
 from cpcli.runtime.wiring import Bound, wiring
 from cpcli.runtime.zygote import LaunchRequest, NodeProcess, Zygote, ZygoteError
+from cpcli.runtime.zygote import supported as zygote_supported
 from cpcli.transport.control import ControlServer
 from cpcli.transport.curve import DataSecurity
 from cpcli.transport.protocol import BOUND, CLOCK, CONFIG, CONNECT, DONE, ENDED, ERROR, HELLO, READY, START, STATS, STOP
@@ -76,7 +76,7 @@ class Supervisor:
 
         for name in shm.clean_stale_segments():  # left by a session whose processes were killed
             self._log.info("removed stale shared memory %s", name)
-        if self._zygote is None and launcher.supported():
+        if self._zygote is None and zygote_supported():
             self._zygote = Zygote(self._log).start()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         security.give(env, self._data_security)  # the environment: not ps-visible, not on the control socket
