@@ -59,7 +59,7 @@ class _Stopped(Exception):
     """The supervisor went away or asked us to stop before the session started."""
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGTERM us when our parent dies; elsewhere the periodic check covers it."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True, help="supervisor pid; exit when it dies")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle, in order
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     driver = Driver(args.control, args.node, args.parent, data_security.take(os.environ))
     signal.signal(signal.SIGTERM, driver.request_stop)
     return driver.run()

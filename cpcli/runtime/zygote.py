@@ -57,7 +57,6 @@ CLOSE_TIMEOUT_S = 5.0
 LOST_EXIT_CODE = 1  # the exit status of a child whose zygote died before reporting it (unknowable)
 _ORPHANED = "ended after its node launcher (zygote) did; its exit status is unknown"
 _PR_SET_NAME = 15
-_PR_SET_PDEATHSIG = 1
 
 
 NODE_START_ENV = "CP_NODE_START"  # "spawn": a fresh interpreter per node, as before the zygote
@@ -253,9 +252,7 @@ class Zygote:
                 self._log.error("node launcher (zygote pid %d) did not exit; killing it", self._proc.pid)
                 self._proc.kill()
                 self._proc.wait(CLOSE_TIMEOUT_S)
-        for process in self._children.values():
-            if process.returncode is None and process._gone():
-                process._ended(LOST_EXIT_CODE, _ORPHANED)
+        self._check_orphans()
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -335,13 +332,6 @@ def _set_title(args: Iterable[str], name: str = "") -> None:
         text = " ".join(args).encode()[:room - 1]
         # The last byte non-zero tells Linux the area was rewritten: it then stops at the first NUL.
         ctypes.memmove(start, text + b"\0" * (room - len(text) - 1) + b" ", room)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        raise SystemExit(1)
 
 
 def _preload(modules: Iterable[str]) -> None:
@@ -451,10 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("room", nargs="?", default="", help="room for the children's command lines")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle, in order
-    _die_with_parent(args.parent)
+    from cpcli.runtime.driver import die_with_parent  # numpy, pyzmq, cpcli: what every node needs
+
+    die_with_parent(args.parent)
     _set_title([sys.executable, "-m", "cpcli.runtime.zygote", "--parent", str(args.parent)])
     sock = socket.socket(fileno=args.fd)
-    importlib.import_module("cpcli.runtime.driver")  # numpy, pyzmq, cpcli: what every node needs
     _preload(PRELOAD)
     try:
         _serve(sock, args.parent)
