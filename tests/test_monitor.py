@@ -138,11 +138,12 @@ def test_monitor_shows_the_cluster_marks_sees_a_lost_worker_and_quits(lab: Lab, 
     nodes_running = re.compile(r"cam\s+test_video\s+w2\s+running\s+1[3-6]\.\d.*\n"
                                r"(?s:.*)gray\s+grayscale\s+m1\s+running")
     screen = terminal.wait_for(nodes_running, 30)
-    screen = terminal.wait_for("▀", 10)
+    # previews arrive one by one (each node's first at most 0.5 s after the monitor subscribes): wait for
+    # a screen that has both, not the first half block
+    screen = terminal.wait_for(re.compile(r"(?s)(?=.*▀)(?=.*cam/video)(?=.*tone/audio)"), 10)
     assert re.search(r"w2\s+198\.18\.0\.2\s+running", screen), screen
     assert re.search(r"m1\s+198\.18\.0\.1\s+running", screen), screen
     assert "session " in screen and "_monitored running" in screen
-    assert "cam/video" in screen and "tone/audio" in screen
     assert "38;2;" in terminal.screen(escapes=True)  # true colour thumbnails
 
     # m, a label, Enter: a mark in the session's events.jsonl on the manager
