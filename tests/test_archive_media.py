@@ -132,6 +132,19 @@ def test_grayscale_video_uses_the_rate_given_and_decodes(tmp_path: Path) -> None
     _check_records(tmp_path, records)
 
 
+@pytest.mark.parametrize("rate_hz", [120.123456, 1234.5678])
+def test_a_rate_with_no_mpeg4_time_base_is_written_at_the_nearest_one(tmp_path: Path, rate_hz: float) -> None:
+    writer = VideoSegments(_files(tmp_path, "odd"), 1.0, LOG)  # e.g. a rate measured from the first frames
+    for i in range(4):
+        writer.write(i, i * MS, LOCAL_NS + i * MS, np.full((32, 48, 3), _fill(i), np.uint8), rate_hz)
+    records = writer.close()
+    capture = cv2.VideoCapture(str(tmp_path / "odd-0000.mp4"))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(rate_hz, rel=1e-3)
+    capture.release()
+    assert len(_decode(tmp_path / "odd-0000.mp4")) == 4
+    _check_records(tmp_path, records)
+
+
 def test_a_new_frame_size_starts_a_new_segment_and_odd_sizes_are_padded(tmp_path: Path) -> None:
     writer = VideoSegments(_files(tmp_path, "video"), 10.0, LOG)
     for i in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -127,8 +128,11 @@ class VideoSegments(_Segments):
         partial = path.parent / PARTIAL_DIR / name
         partial.parent.mkdir(exist_ok=True)
         fps, size = self._fps(rate_hz), (shape[1], shape[0])
-        for fourcc in (self._fourcc,) if self._fourcc else VIDEO_FOURCCS:
-            writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*fourcc), fps, size, len(shape) == 3)
+        # MPEG-4 time bases are fractions with terms below 65536: a measured rate such as 120.123456
+        # has none, so it is written as the nearest rate that has one (the timestamps stay exact).
+        rates = dict.fromkeys((fps, round(fps, 2), round(fps, 1), float(round(fps))))
+        for fourcc, rate in itertools.product((self._fourcc,) if self._fourcc else VIDEO_FOURCCS, rates):
+            writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*fourcc), rate, size, len(shape) == 3)
             if writer.isOpened():
                 if self._fourcc is None:
                     self._log.info("%s: video as MP4 (%s)", self._files.where, fourcc)
