@@ -150,7 +150,7 @@ name: bench_{size}_{sync}_{rate}_{transport}
 nodes:
   src:
     type: test_video
-    params: {{width: {width}, height: {height}, rate_hz: {rate_hz}, precomputed: {precomputed}}}
+    params: {{width: {width}, height: {height}, rate_hz: {rate_hz}, precomputed: {precomputed}, copy: {copy}}}
   sink:
     type: discard
     inputs: [src]
@@ -159,12 +159,15 @@ nodes:
 
 
 def run_ours(work: Path, width: int, height: int, rate_hz: float, sync: str, transport: str,
-             duration_s: float) -> Measure:
-    """One real session, test_video -> discard, measured from the sink's manifest stats."""
+             duration_s: float, copy: bool = False) -> Measure:
+    """One real session, test_video -> discard, measured from the sink's manifest stats.
+
+    The source cycles PRECOMPUTED frames; with `copy` it copies each into the buffer it is sent from."""
     size = f"{width}x{height}"
-    path = work / f"bench_{size}_{sync}_{int(rate_hz)}_{transport}.yaml"
+    path = work / f"bench_{size}_{sync}_{int(rate_hz)}_{transport}_{copy}.yaml"
     path.write_text(RECIPE.format(size=size, sync=sync, rate=int(rate_hz), transport=transport, width=width,
-                                  height=height, rate_hz=rate_hz, precomputed=PRECOMPUTED), encoding="utf-8")
+                                  height=height, rate_hz=rate_hz, precomputed=PRECOMPUTED,
+                                  copy=str(copy).lower()), encoding="utf-8")
     registry = load_registry()
     recipe = load_recipe(path, registry)
     options = RunOptions(out_dir=work / "sessions", duration_s=duration_s, shared_memory=transport == "shm")

@@ -6,10 +6,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from cpcli.clock import Clock
 from cpcli.errors import CpError, DeviceError, NodeConfigError, NodeError
+
+if TYPE_CHECKING:  # annotations only: importing the node API (`cp worker`) skips numpy
+    import numpy as np
 
 __all__ = [
     "Clock",
@@ -70,6 +73,14 @@ Outputs = Mapping[str, Any] | Sample | Any | None
 """What `step()` returns: {port: value or Sample}, a bare value for a one-output node, or None."""
 
 
+class _Lender(Protocol):
+    """Where a running node's output buffers come from (the runtime's publisher)."""
+
+    def lend(self, port: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray: ...
+
+    def constant(self, value: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass
 class NodeContext:
     """What the runtime gives a node in `setup()`.
@@ -93,6 +104,48 @@ class NodeContext:
     worker: str = "local"
     data_dir: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    _lender: _Lender | None = field(default=None, repr=False, compare=False)
+
+    def output_buffer(self, port: str, shape: int | tuple[int, ...], dtype: Any = "uint8") -> np.ndarray:
+        """A writable array to build this step's value of output `port` in (e.g. `cap.read(buffer)`,
+        `cv2.cvtColor(frame, code, dst=buffer)`).
+
+        Returned from this `step()` (as the value, or in a `Sample`), it is sent and recorded without
+        a copy: readers on this machine read it in shared memory, where it was built. It is the
+        node's only until `step()` returns; one not returned is taken back then. Never keep it or
+        write to it after that. Its contents start undefined.
+
+        Raises:
+            NodeError: `port` is not one of the node's outputs, or the shape or dtype is not one.
+        """
+        import numpy as np
+
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        try:
+            kind = np.dtype(dtype)
+        except TypeError as err:
+            raise NodeError(f"output_buffer({port!r}): {dtype!r} is not a numpy dtype") from err
+        if kind.hasobject or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise NodeError(f"output_buffer({port!r}): shape {shape!r} of {kind} is not an array of plain numbers",
+                            hint="give a tuple of sizes (e.g. (480, 640, 3)) and a numeric dtype")
+        if self._lender is None:
+            return np.empty(dims, kind)
+        try:
+            return self._lender.lend(port, dims, kind)
+        except CpError as err:
+            raise NodeError(f"output_buffer: {err.message}") from None
+
+    def constant(self, value: np.ndarray) -> np.ndarray:
+        """A read-only copy of `value` to return from `step()` as often as the node likes (a still
+        image, precomputed frames): it is written to shared memory once and then sent without a
+        copy each time. Make constants in `setup()`."""
+        if self._lender is None:
+            import numpy as np
+
+            array: np.ndarray = np.array(value, copy=True, order="C")
+            array.flags.writeable = False
+            return array
+        return self._lender.constant(value)
 
 
 class Node:

@@ -157,7 +157,8 @@ class Camera(Node):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def setup(self, ctx: NodeContext) -> None:
-        self._clock, self._log = ctx.clock, ctx.logger
+        self._clock, self._log, self._ctx = ctx.clock, ctx.logger, ctx
+        self._shape: tuple[int, ...] | None = None  # of the last frame, to decode the next one in place
         self._where = "this machine" if ctx.worker == "local" else ctx.worker
         self._pending, self._ended, self._fresh, self._played = None, False, False, 0
         self._failed_reads, self._last_frame_s = 0, time.monotonic()
@@ -339,8 +340,12 @@ class Camera(Node):
         t_ns = self._clock.now_ns()  # the frame exists now; decoding it below takes time
         frame = None
         if ok:
-            ok, image = self._capture.retrieve()
+            if self._shape is not None:  # decoded straight into the buffer it is sent from
+                ok, image = self._capture.retrieve(self._ctx.output_buffer("video", self._shape))
+            else:
+                ok, image = self._capture.retrieve()
             frame = self._as_frame(image) if ok else None
+            self._shape = frame.shape if frame is image and frame is not None else None
         if frame is not None:
             self._failed_reads, self._last_frame_s = 0, time.monotonic()
             self._played += 1

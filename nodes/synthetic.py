@@ -43,8 +43,11 @@ class TestVideo(Node):
 
     Each BGR frame shows a gradient that scrolls right by width/160 pixels per frame, a white
     bar that scrolls with it, and the frame number in the top-left corner, so a recording can
-    be checked by eye. With `precomputed` > 0 the frames are drawn once in `setup()` and
-    cycled (their numbers repeat), so the source costs nothing per frame in a benchmark.
+    be checked by eye. Each frame is drawn straight into the buffer it is sent from. With
+    `precomputed` > 0 the frames are drawn once in `setup()` (into shared memory, as constants)
+    and cycled (their numbers repeat), so the source costs nothing per frame in a benchmark;
+    `copy: true` copies each of them into the buffer it is sent from instead, as a camera
+    writes every frame (a benchmark of one write per frame).
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -52,17 +55,23 @@ class TestVideo(Node):
     input_count = 0
 
     _clock: Clock
+    _ctx: NodeContext
     _base: npt.NDArray[np.uint8]
     _frames: tuple[npt.NDArray[np.uint8], ...]
     _index: int
 
     def __init__(
-        self, *, width: int = 640, height: int = 480, rate_hz: float = 30.0, precomputed: int = 0
+        self, *, width: int = 640, height: int = 480, rate_hz: float = 30.0, precomputed: int = 0, copy: bool = False
     ) -> None:
         self.width = _check_int("test_video width", width, MIN_SIDE, MAX_WIDTH)
         self.height = _check_int("test_video height", height, MIN_SIDE, MAX_HEIGHT)
         self.rate_hz = _check_number("test_video rate_hz (0 = as fast as possible)", rate_hz, 0.0)
         self.precomputed = _check_int("test_video precomputed", precomputed, 0, 2**31 - 1)
+        if not isinstance(copy, bool):
+            raise NodeConfigError(f"test_video copy must be true or false, got {copy!r}")
+        if copy and not precomputed:
+            raise NodeConfigError("test_video copy: true copies precomputed frames; set precomputed too")
+        self.copy = copy
         frame_bytes = width * height * 3
         if precomputed * frame_bytes > PRECOMPUTED_MAX_BYTES:
             raise NodeConfigError(
@@ -74,19 +83,31 @@ class TestVideo(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
-        self._clock = ctx.clock
+        self._clock, self._ctx = ctx.clock, ctx
         self._index = 0
         self._base = self._draw_base()
-        self._frames = tuple(self._draw(i) for i in range(self.precomputed))
-        for frame in self._frames:
-            frame.flags.writeable = False  # handed out again and again: nobody may change them
+        shape = (self.height, self.width, 3)
+        # handed out again and again, read-only: written to shared memory once, never copied again
+        frames = (self._draw(i, np.empty(shape, np.uint8)) for i in range(self.precomputed))
+        if self.copy:  # copied from each step: private, read-only
+            self._frames = tuple(frames)
+            for frame in self._frames:
+                frame.flags.writeable = False
+        else:
+            self._frames = tuple(map(ctx.constant, frames))
         if self._frames:
             self._base = np.empty((0, 0, 3), np.uint8)  # never drawn from again
 
     def step(self, inputs: Inputs) -> Outputs:
         t_ns = self._clock.now_ns()  # the instant this frame stands for
         index, self._index = self._index, self._index + 1
-        frame = self._frames[index % len(self._frames)] if self._frames else self._draw(index)
+        if self._frames and self.copy:
+            frame = self._ctx.output_buffer("video", (self.height, self.width, 3))
+            np.copyto(frame, self._frames[index % len(self._frames)])
+        elif self._frames:
+            frame = self._frames[index % len(self._frames)]
+        else:
+            frame = self._draw(index, self._ctx.output_buffer("video", (self.height, self.width, 3)))
         return Sample(frame, t_ns=t_ns, rate_hz=self.rate_hz or None)
 
     def teardown(self) -> None:
@@ -106,12 +127,13 @@ class TestVideo(Node):
         base[:, bar] = 255
         return base
 
-    def _draw(self, index: int) -> npt.NDArray[np.uint8]:
+    def _draw(self, index: int, frame: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """Frame `index`, drawn into `frame` (height x width x 3)."""
         import cv2
 
         w = self.width
         start = w - (index * self._shift) % w  # the slice moves left, so the pattern moves right
-        frame: npt.NDArray[np.uint8] = self._base[:, start : start + w].copy()
+        np.copyto(frame, self._base[:, start : start + w])
         scale = max(0.3, self.height / 480.0)
         thickness = max(1, round(scale * 2))
         text = str(index)

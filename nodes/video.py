@@ -49,12 +49,14 @@ class Grayscale(Node):
     input_count = 1
 
     _where: str
+    _ctx: NodeContext
 
     def __init__(self) -> None:
         self._where = "grayscale"
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"grayscale node {ctx.node_id!r}"
+        self._ctx = ctx
         import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
 
     def step(self, inputs: Inputs) -> Outputs:
@@ -63,7 +65,8 @@ class Grayscale(Node):
         if frame.ndim == 3:
             import cv2
 
-            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            gray = self._ctx.output_buffer("video", frame.shape[:2])  # converted in place: no copy to send it
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY, dst=gray)
         return Sample(frame, t_ns=sample.t_ns, rate_hz=sample.rate_hz)
 
 
@@ -73,6 +76,8 @@ class Resize(Node):
     outputs = ("video",)
     input_count = 1
 
+    _ctx: NodeContext
+
     def __init__(self, *, width: int, height: int) -> None:
         self.width = _check_int("resize width", width, 1, MAX_WIDTH)
         self.height = _check_int("resize height", height, 1, MAX_HEIGHT)
@@ -80,6 +85,7 @@ class Resize(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"resize node {ctx.node_id!r}"
+        self._ctx = ctx
         import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
 
     def step(self, inputs: Inputs) -> Outputs:
@@ -91,7 +97,9 @@ class Resize(Node):
 
             shrinking = self.width <= width and self.height <= height
             interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-            frame = cv2.resize(frame, (self.width, self.height), interpolation=interpolation)
+            shape = (self.height, self.width, *frame.shape[2:])
+            resized = self._ctx.output_buffer("video", shape)  # scaled in place: no copy to send it
+            frame = cv2.resize(frame, (self.width, self.height), dst=resized, interpolation=interpolation)
         return Sample(frame, t_ns=sample.t_ns, rate_hz=sample.rate_hz)
 
 

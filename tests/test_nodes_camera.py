@@ -325,6 +325,8 @@ nodes:
     assert not result.failures and result.manifest["status"] == "complete"
     info = result.manifest["nodes"]["cam"]["info"]  # what the device actually delivered
     assert (info["width"], info["height"]) == (320, 240) and info["fps"] == pytest.approx(30, abs=0.5)
+    stats = result.manifest["nodes"]["cam"]["stats"]
+    assert stats["sent_in_place"] >= FRAMES - 2, "frames were not decoded into the slots they were sent from"
     node_dir = result.session_dir / "lab" / "cam"
     numbers, rows = recorded_video(node_dir)
     assert len(numbers) == len(rows) == FRAMES

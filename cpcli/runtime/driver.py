@@ -197,7 +197,7 @@ class Driver:
     def _context_for_node(self) -> NodeContext:
         node_dir = Path(self._config["session_dir"]) / self._config["worker"] / self.node_id
         return NodeContext(node_id=self.node_id, clock=self._clock, logger=self._log,
-                           worker=self._config["worker"], data_dir=node_dir)
+                           worker=self._config["worker"], data_dir=node_dir, _lender=self._publisher)
 
     def _connect(self, wiring: dict[str, Any]) -> None:
         node = self._config["node"]
@@ -340,22 +340,27 @@ class Driver:
             t_ns = inputs[key].t_ns
             if t_ns is not None:
                 self._latency.add(now - t_ns)
-        result = self._node.step(inputs)
-        outputs = _split_outputs(result, self._ports)
-        if not outputs:
-            return
-        done_ns = self._clock.now_ns()
-        self._rate.tick(done_ns)
-        if self._first_out_ns is None:
-            self._first_out_ns = done_ns - self._start_ns
-        for port, value in outputs:
-            sample = value if isinstance(value, Sample) else Sample(value)
-            t_ns = done_ns if sample.t_ns is None else sample.t_ns
-            seq = self._publisher.publish(port, sample.value, t_ns, sample.rate_hz)
-            self._publisher.offer_preview(port, sample.value, t_ns)
-            if self._recorder is not None:
-                self._recorder.record(port, seq, t_ns, sample.value, sample.rate_hz,
-                                      local_ns=self._clock.mapping.to_local_ns(t_ns))
+        publisher = self._publisher
+        try:
+            result = self._node.step(inputs)
+            outputs = _split_outputs(result, self._ports)
+            if not outputs:
+                return
+            done_ns = self._clock.now_ns()
+            self._rate.tick(done_ns)
+            if self._first_out_ns is None:
+                self._first_out_ns = done_ns - self._start_ns
+            for port, value in outputs:
+                sample = value if isinstance(value, Sample) else Sample(value)
+                t_ns = done_ns if sample.t_ns is None else sample.t_ns
+                seq = publisher.publish(port, sample.value, t_ns, sample.rate_hz)
+                publisher.offer_preview(port, sample.value, t_ns)
+                if self._recorder is not None:
+                    kept, on_written = publisher.for_recording(sample.value)
+                    self._recorder.record(port, seq, t_ns, kept, sample.rate_hz,
+                                          local_ns=self._clock.mapping.to_local_ns(t_ns), on_written=on_written)
+        finally:
+            publisher.end_step()
 
     # -- reporting and the end ---------------------------------------------------------------
 
@@ -376,6 +381,7 @@ class Driver:
             source_lost=self._source_lost(),
             first_in_ns=self._first_in_ns,
             first_out_ns=self._first_out_ns,
+            sent_in_place=self._publisher.lent_sent if self._publisher else 0,
         )
 
     def _info(self) -> dict[str, Any]:

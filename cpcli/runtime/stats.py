@@ -26,6 +26,7 @@ class NodeStats:
     source_lost: int = 0  # samples the node itself lost (its `info["lost"]`: device overflows, full queues)
     first_in_ns: int | None = None  # session time of the first sample received (start-up latency)
     first_out_ns: int | None = None  # session time of the first sample sent
+    sent_in_place: int = 0  # samples same-host readers read where the node built them (lent or constant): no copy
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class NodeStats:
             "source_lost": self.source_lost,
             "first_in_ns": self.first_in_ns,
             "first_out_ns": self.first_out_ns,
+            "sent_in_place": self.sent_in_place,
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class NodeStats:
             source_lost=int(data.get("source_lost", 0)),
             first_in_ns=None if data.get("first_in_ns") is None else int(data["first_in_ns"]),
             first_out_ns=None if data.get("first_out_ns") is None else int(data["first_out_ns"]),
+            sent_in_place=int(data.get("sent_in_place", 0)),
         )
 
     @property

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,7 @@ SHM_POOL_MAX_BYTES = 512 * 1024 * 1024  # a publisher's pool never grows past th
 # of DATA_HWM on), so a `sync: all` reader's backlog is bounded by slots, never dropped by ZeroMQ.
 SHM_MAX_SLOTS = DATA_HWM // 2 - 8
 BACKPRESSURE_TIMEOUT_S = 1.0  # longest a source waits for a `sync: all` reader before dropping
+CONSTANT_MAX_BYTES = SHM_POOL_MAX_BYTES // 2  # pinned values (sent again and again) take at most this
 MAX_SUBSCRIPTION_BYTES = 1024  # a subscription names one of our topics: far shorter than this
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 
@@ -106,6 +110,11 @@ class Publisher:
         self._plan: SharedMemoryPlan | None = None
         self._pool: shm.SlotPool | None = None
         self.pool_dropped = 0  # samples no slot could be found for in time: counted, never hidden
+        self._owner = threading.get_ident()  # lending is for the node's own thread (setup, step)
+        self._loans: dict[int, _Loan] = {}  # data address -> slot lent out since the last end_step()
+        self._constants: dict[int, _Constant] = {}  # data address -> a value sent again and again
+        self._constant_bytes = 0
+        self.lent_sent = 0  # samples sent from a lent or pinned slot: written once, copied by nobody
 
     @property
     def socket(self) -> zmq.Socket[Any]:
@@ -170,6 +179,13 @@ class Publisher:
         remote = self._subscribers.get(topic, 0) > 0
         local = self._bell is not None and self._bell.readers(topic) > 0
         if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            if self._loans or self._constants:
+                loan = self._loan_of(value)
+                # A lent slot goes out once: sent on a second port it is copied (one reader process
+                # of both would otherwise share one lock on the slot, and let go of it twice).
+                if loan is not None and (isinstance(loan, _Constant) or loan.ref is None):
+                    self._publish_loan(port, loan, value, seq, t_ns, rate_hz, local, remote)
+                    return seq
             array = np.ascontiguousarray(value)
             shared = local and array.nbytes >= self._shared_from
             if shared:
@@ -226,12 +242,120 @@ class Publisher:
         pool = self._pool or self._make_pool(array.nbytes)
         ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S)
         if ref is None:  # every slot still held: the readers see a gap in sequence numbers
-            self.pool_dropped += 1
-            if self.pool_dropped == 1:
-                self._log.warning("shared-memory pool full for %s: dropping samples (counted)", port)
+            self._count_pool_drop(port)
             return
         header = Header(seq, t_ns, kind, array.dtype.str, array.shape, rate_hz, ref.slot, ref.generation)
         self._send_local(self._topics[port], (bell.frame(encode_header(header)),))
+
+    # -- values built in place (lent slots) and values sent again and again (pinned slots) ------
+
+    def lend(self, port: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A writable array for the node to build the next value of `port` in. Returned from this
+        step, it is sent and recorded with no copy; kept, it is taken back at `end_step()`. Where
+        nobody reads the port on this machine (or the pool is full) it is plain memory."""
+        topic = self._topics.get(port)
+        if topic is None:
+            raise TransportError(f"node has no output port {port!r} (its outputs: {', '.join(self._topics)})")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if (self._bell is None or nbytes < self._shared_from or not self._bell.readers(topic)
+                or threading.get_ident() != self._owner or dtype.hasobject):
+            return np.empty(shape, dtype)
+        pool = self._pool or self._make_pool(nbytes)
+        index = pool.lend(nbytes, BACKPRESSURE_TIMEOUT_S)  # the source waits here, as it would to send
+        if index is None:  # still full: sending it will wait once more, then drop it (counted)
+            return np.empty(shape, dtype)
+        array = pool.view(index).view(dtype).reshape(shape)
+        self._loans[array.__array_interface__["data"][0]] = _Loan(index, nbytes)
+        return array
+
+    def constant(self, value: np.ndarray) -> np.ndarray:
+        """A read-only copy of `value` that may be sent any number of times: the first time a reader
+        on this machine needs it, it is written once into a slot of its own, then only referenced."""
+        array: np.ndarray = np.array(value, copy=True, order="C")
+        array.flags.writeable = False
+        if (not array.dtype.hasobject and array.nbytes >= self._shared_from
+                and self._constant_bytes + array.nbytes <= CONSTANT_MAX_BYTES):
+            self._constants[array.__array_interface__["data"][0]] = _Constant(array)
+            self._constant_bytes += array.nbytes
+        return array
+
+    def _loan_of(self, value: np.ndarray) -> _Loan | _Constant | None:
+        """The lent or pinned slot `value` is (the whole of it, in order), if it is one."""
+        if not value.flags.c_contiguous:
+            return None
+        address = value.__array_interface__["data"][0]
+        found: _Loan | _Constant | None = self._loans.get(address) or self._constants.get(address)
+        if found is None:
+            return None
+        nbytes = found.nbytes if isinstance(found, _Loan) else found.array.nbytes
+        return found if value.nbytes == nbytes else None
+
+    def _publish_loan(self, port: str, loan: _Loan | _Constant, value: np.ndarray, seq: int, t_ns: int,
+                      rate_hz: float | None, local: bool, remote: bool) -> None:
+        topic = self._topics[port]
+        if local:
+            ref = self._shared_ref(loan, seq)
+            if ref is None:
+                self._count_pool_drop(port)
+            else:
+                header = Header(seq, t_ns, KIND_SHM, value.dtype.str, value.shape, rate_hz, ref.slot, ref.generation)
+                self._send_local(topic, (bell.frame(encode_header(header)),))
+                self.lent_sent += 1
+        if remote:
+            header_bytes = encode_header(Header(seq, t_ns, KIND_ARRAY, value.dtype.str, value.shape, rate_hz))
+            # A lent slot is reused once readers let go: ZeroMQ must copy it (a pinned one never changes).
+            self._socket.send_multipart([topic, header_bytes, value.data], copy=isinstance(loan, _Loan))
+
+    def _shared_ref(self, loan: _Loan | _Constant, seq: int) -> shm.SlotRef | None:
+        pool = self._pool
+        if isinstance(loan, _Loan):
+            assert pool is not None
+            loan.ref = pool.publish_lent(loan.index, seq)
+            pool.hold(loan.index)  # not reused within this step (the value may go out on another port)
+            return loan.ref
+        pool = pool or self._make_pool(loan.array.nbytes)
+        if loan.ref is None:
+            loan.ref = pool.pin(loan.array)
+            if loan.ref is None:
+                return pool.write(loan.array, seq, BACKPRESSURE_TIMEOUT_S)  # no room to pin: copied as usual
+        deadline = time.monotonic() + BACKPRESSURE_TIMEOUT_S
+        while not pool.all_readers_within(seq, SHM_MAX_SLOTS):  # a pinned slot bounds no backlog itself
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(shm.BACKPRESSURE_POLL_S)
+        return loan.ref
+
+    def for_recording(self, value: Any) -> tuple[Any, Callable[[], None] | None]:
+        """What the recorder may keep of a sample just published, and what to call once it has
+        written it: a lent slot is held until then (copied instead if the recorder already
+        holds a quarter of the pool: a slow disk never starves the readers)."""
+        if not self._loans or not isinstance(value, np.ndarray):
+            return value, None
+        loan = self._loan_of(value)
+        if not isinstance(loan, _Loan) or self._pool is None:
+            return value, None
+        pool = self._pool
+        if pool.held >= max(2, pool.max_slots // 4):
+            return value.copy(), None
+        index = loan.index
+        pool.hold(index)
+        return value, lambda: pool.unhold(index)
+
+    def end_step(self) -> None:
+        """The step is over: lent slots it did not send are free again."""
+        if self._loans:
+            assert self._pool is not None
+            for loan in self._loans.values():
+                if loan.ref is None:
+                    self._pool.take_back(loan.index)
+                else:
+                    self._pool.unhold(loan.index)
+            self._loans.clear()
+
+    def _count_pool_drop(self, port: str) -> None:
+        self.pool_dropped += 1
+        if self.pool_dropped == 1:
+            self._log.warning("shared-memory pool full for %s: dropping samples (counted)", port)
 
     def _make_pool(self, nbytes: int) -> shm.SlotPool:
         assert self._prefix is not None and self._bell is not None
@@ -281,6 +405,23 @@ def _start_gatekeeper(context: zmq.Context[Any], security: DataSecurity, logger:
                              hint="a ZeroMQ context holds one secured publisher; give each its own context") \
             from err
     return gatekeeper.start()
+
+
+@dataclass
+class _Loan:
+    """A slot lent to the node for one step."""
+
+    index: int
+    nbytes: int
+    ref: shm.SlotRef | None = None  # set once it is sent
+
+
+@dataclass
+class _Constant:
+    """A value the node sends again and again; pinned into a slot the first time a reader here needs it."""
+
+    array: np.ndarray
+    ref: shm.SlotRef | None = None
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,6 +7,10 @@ never rewritten while anyone reads it and a stale reference is detected, never r
 locks vanish with their process, so a reader killed with -9 never pins a slot. A small control
 file holds, per reader of a `sync: all` input, the last sequence number it released: the
 publisher waits for those readers (backpressure) instead of reclaiming what they have not read.
+
+A slot can also be lent to the node before it is written (`lend`: the node builds its value in
+place, so nothing is copied), pinned (`pin`: a value sent many times, written once and never
+reused) or held by the publisher's own recorder until it has written the value (`hold`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import struct
 import time
+from collections import deque
 from pathlib import Path
 from typing import NamedTuple
 
@@ -144,6 +149,10 @@ class SlotPool:
         self._max = max(self._initial, max_slots)
         self._slots: list[_Segment | None] = []
         self._seqs: list[int] = []  # last sequence number written to each slot
+        self._holds: list[int] = []  # the publisher's own holds (its recorder) on each slot
+        self._unheld: deque[int] = deque()  # holds let go of on other threads, counted down at the next claim
+        self._pinned: set[int] = set()  # slots written once and never reused
+        self._lent: dict[int, int] = {}  # slot -> payload bytes, for slots lent out and not yet published
         self._next = 0  # round robin: the oldest slot is tried first
         self._control = _Segment(shm_dir / f"{prefix}_ctl", MAX_READERS * _READER.size, create=True)
         self._readers = np.frombuffer(self._control.map, dtype=np.int64).reshape(MAX_READERS, 2)
@@ -155,6 +164,10 @@ class SlotPool:
     @property
     def control_name(self) -> str:
         return f"{self.prefix}_ctl"
+
+    @property
+    def max_slots(self) -> int:
+        return self._max
 
     @property
     def slot_count(self) -> int:
@@ -169,17 +182,9 @@ class SlotPool:
     def write(self, payload: np.ndarray, seq: int, timeout_s: float) -> SlotRef | None:
         """Copy a payload into a free slot (the one copy); None if none freed up in time."""
         nbytes = payload.nbytes
-        index = self._claim(nbytes)
-        if index is None:  # every slot is held: wait for a reader to let one go (backpressure)
-            started = time.monotonic()
-            deadline = started + timeout_s
-            while index is None:
-                if time.monotonic() >= deadline:
-                    self.blocked_s += time.monotonic() - started
-                    return None
-                time.sleep(BACKPRESSURE_POLL_S)
-                index = self._claim(nbytes)
-            self.blocked_s += time.monotonic() - started
+        index = self._claim_waiting(nbytes, timeout_s)
+        if index is None:
+            return None
         segment = self._slots[index]
         assert segment is not None
         self._generation += 1
@@ -192,36 +197,135 @@ class SlotPool:
         self._seqs[index] = seq
         return SlotRef(index, generation)
 
+    def _claim_waiting(self, nbytes: int, timeout_s: float) -> int | None:
+        index = self._claim(nbytes)
+        if index is None:  # every slot is held: wait for a reader to let one go (backpressure)
+            started = time.monotonic()
+            deadline = started + timeout_s
+            while index is None:
+                if time.monotonic() >= deadline:
+                    self.blocked_s += time.monotonic() - started
+                    return None
+                time.sleep(BACKPRESSURE_POLL_S)
+                index = self._claim(nbytes)
+            self.blocked_s += time.monotonic() - started
+        return index
+
+    def lend(self, nbytes: int, timeout_s: float = 0.0) -> int | None:
+        """Lock a free slot for the node to build a payload of `nbytes` in, waiting for one as `write`
+        does (None if none freed up in time). Until `publish_lent` or `take_back`, no reader can
+        open it, and any reference to what it held before is stale."""
+        index = self._claim_waiting(nbytes, timeout_s)
+        if index is None:
+            return None
+        segment = self._slots[index]
+        assert segment is not None
+        _HEADER.pack_into(segment.map, 0, 0, nbytes)  # generation 0 matches no reference
+        self._lent[index] = nbytes
+        return index
+
+    def view(self, index: int) -> np.ndarray:
+        """The payload bytes of a lent slot, writable."""
+        segment = self._slots[index]
+        assert segment is not None and index in self._lent
+        return segment.payload[: self._lent[index]]
+
+    def publish_lent(self, index: int, seq: int) -> SlotRef:
+        """The node is done building a lent slot: readers may open it from now on."""
+        nbytes = self._lent.pop(index)
+        segment = self._slots[index]
+        assert segment is not None
+        self._generation += 1
+        _HEADER.pack_into(segment.map, 0, self._generation, nbytes)
+        _unlock(segment.fd)
+        self._seqs[index] = seq
+        return SlotRef(index, self._generation)
+
+    def take_back(self, index: int) -> None:
+        """A lent slot the node did not send: free again (what it holds is never read)."""
+        if self._lent.pop(index, None) is not None:
+            segment = self._slots[index]
+            assert segment is not None
+            _unlock(segment.fd)
+
+    def pin(self, payload: np.ndarray) -> SlotRef | None:
+        """Write a payload once into a slot of its own that is never reused (until `close`), for a
+        value sent many times; None if the pool has no room for it."""
+        nbytes = payload.nbytes
+        index = self._add_slot(nbytes, pinned=True)
+        if index is None:
+            return None
+        segment = self._slots[index]
+        assert segment is not None
+        self._generation += 1
+        _HEADER.pack_into(segment.map, 0, self._generation, nbytes)
+        np.copyto(segment.payload[:nbytes], payload.reshape(-1).view(np.uint8))
+        _unlock(segment.fd)
+        self._pinned.add(index)
+        return SlotRef(index, self._generation)
+
+    def hold(self, index: int) -> None:
+        """The publisher itself still reads this slot (its recorder): never reuse it until `unhold`."""
+        self._holds[index] += 1
+
+    def unhold(self, index: int) -> None:
+        """Let go of a `hold`; safe from any thread (counted down by the publisher's next claim)."""
+        self._unheld.append(index)
+
+    @property
+    def held(self) -> int:
+        """Slots the publisher itself holds."""
+        self._drain_unheld()
+        return sum(1 for count in self._holds if count > 0)
+
+    def _drain_unheld(self) -> None:
+        while self._unheld:
+            self._holds[self._unheld.popleft()] -= 1
+
+    def all_readers_within(self, seq: int, lag: int) -> bool:
+        """Whether every live `sync: all` reader has released sample `seq - lag` (a pinned slot is
+        never reclaimed, so this is what bounds their backlog instead)."""
+        for reader in self._all_readers:
+            pid, released = int(self._readers[reader, 0]), int(self._readers[reader, 1])
+            if released < seq - lag and (pid < 0 or _pid_alive(pid)):
+                return False
+        return True
+
     def _claim(self, nbytes: int) -> int | None:
         """Lock a slot that no reader holds and no `all` reader still needs; grow if none.
 
         The pool first grows to its initial size, then goes round robin: a reference a reader has
         not opened yet stays good for that many writes (a node writing several ports in one step
         never overwrites the sample it has just sent)."""
+        self._drain_unheld()
         count = len(self._slots)
-        if count < self._initial:
+        reusable = count - len(self._pinned)
+        if reusable < self._initial:
             return self._add_slot(nbytes)
         for offset in range(count):
             index = (self._next + offset) % count
             segment = self._slots[index]
-            if segment is None or segment.size - HEADER_BYTES < nbytes or not self._released_by_all(index):
+            if (segment is None or segment.size - HEADER_BYTES < nbytes or self._holds[index]
+                    or index in self._pinned or index in self._lent or not self._released_by_all(index)):
                 continue
             if _try_lock(segment.fd, exclusive=True):  # no reader holds it: unread references go stale
                 self._next = (index + 1) % count
                 return index
-        if count < self._max or any(s is not None and s.size - HEADER_BYTES < nbytes for s in self._slots):
+        if reusable < self._max or any(s is not None and s.size - HEADER_BYTES < nbytes for s in self._slots):
             return self._add_slot(nbytes)
         return None
 
-    def _add_slot(self, nbytes: int) -> int | None:
+    def _add_slot(self, nbytes: int, pinned: bool = False) -> int | None:
         """A new slot, or a too-small one replaced by a larger one."""
         size = HEADER_BYTES + nbytes
         for index, segment in enumerate(self._slots):
-            if segment is not None and segment.size < size and _try_lock(segment.fd, exclusive=True):
+            if (segment is not None and segment.size < size and not pinned and not self._holds[index]
+                    and index not in self._pinned and index not in self._lent
+                    and _try_lock(segment.fd, exclusive=True)):
                 segment.close(unlink=True)  # readers holding it keep their mapping until they let go
                 self._slots[index] = None
         index = next((i for i, s in enumerate(self._slots) if s is None), len(self._slots))
-        if index >= self._max:
+        if index == len(self._slots) and not pinned and len(self._slots) - len(self._pinned) >= self._max:
             return None
         segment = _Segment(self._dir / f"{self.prefix}_s{index}", size, create=True)
         if not _try_lock(segment.fd, exclusive=True):  # nobody can know it yet; cannot fail
@@ -230,9 +334,11 @@ class SlotPool:
         if index == len(self._slots):
             self._slots.append(segment)
             self._seqs.append(-1)
+            self._holds.append(0)
         else:
             self._slots[index] = segment
             self._seqs[index] = -1
+            self._holds[index] = 0
         return index
 
     def _released_by_all(self, index: int) -> bool:

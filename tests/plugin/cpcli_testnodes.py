@@ -106,17 +106,87 @@ class Pattern(Node):
     outputs = ("video",)
     input_count = 0
 
-    def __init__(self, *, width: int = 640, height: int = 480, rate_hz: float = 0.0) -> None:
+    def __init__(self, *, width: int = 640, height: int = 480, rate_hz: float = 0.0, lend: bool = False,
+                 spoil: bool = False) -> None:
+        """`lend`: build each frame in `ctx.output_buffer`; `spoil`: also take a second buffer every
+        step, scribble over it and never return it (it must be taken back, unseen by readers)."""
         self.width, self.height, self.rate_hz = width, height, rate_hz
+        self.lend, self.spoil = lend, spoil
         self._n = 0
+
+    def setup(self, ctx: NodeContext) -> None:
+        self._ctx = ctx
 
     def step(self, inputs: Inputs) -> Outputs:
         import numpy as np
 
-        frame = np.full((self.height, self.width, 3), self._n % 251, dtype=np.uint8)
+        shape = (self.height, self.width, 3)
+        if self.spoil:
+            self._ctx.output_buffer("video", shape).fill(255)
+        frame = self._ctx.output_buffer("video", shape) if self.lend else np.empty(shape, np.uint8)
+        frame.fill(self._n % 251)
         frame.reshape(-1)[:8] = np.frombuffer(np.int64(self._n).tobytes(), dtype=np.uint8)
         self._n += 1
         return frame
+
+
+class Blocks(Node):
+    """float32 blocks built in lent buffers, every sample of block n equal to n: a recording that
+    lost its hold on a slot (rewritten before it was written to the WAV) cannot pass for intact."""
+
+    outputs = ("audio",)
+    input_count = 0
+
+    def __init__(self, *, frames: int = 4096, channels: int = 8, rate_hz: float = 0.0) -> None:
+        self.frames, self.channels, self.rate_hz = frames, channels, rate_hz
+        self._n = 0
+
+    def setup(self, ctx: NodeContext) -> None:
+        self._ctx = ctx
+
+    def step(self, inputs: Inputs) -> Outputs:
+        block = self._ctx.output_buffer("audio", (self.frames, self.channels), "float32")
+        block.fill(float(self._n))
+        self._n += 1
+        return Sample(block, rate_hz=48000.0)
+
+
+class Stills(Node):
+    """Cycles `count` constant frames (`ctx.constant`), each filled with its index: sent again and again."""
+
+    outputs = ("video",)
+    input_count = 0
+
+    def __init__(self, *, count: int = 3, width: int = 320, height: int = 240, rate_hz: float = 0.0) -> None:
+        self.count, self.width, self.height, self.rate_hz = count, width, height, rate_hz
+        self._n = 0
+
+    def setup(self, ctx: NodeContext) -> None:
+        import numpy as np
+
+        self._frames = [ctx.constant(np.full((self.height, self.width, 3), i, np.uint8)) for i in range(self.count)]
+
+    def step(self, inputs: Inputs) -> Outputs:
+        frame = self._frames[self._n % self.count]
+        self._n += 1
+        return frame
+
+
+class StillCheck(Node):
+    """A table row per `stills` frame: its sequence number, and whether it is uniformly seq % count."""
+
+    outputs = ("check",)
+    input_count = 1
+
+    def __init__(self, *, count: int = 3) -> None:
+        self.count = count
+
+    def step(self, inputs: Inputs) -> Outputs:
+        import numpy as np
+
+        sample = next(iter(inputs.values()))
+        frame = np.asarray(sample.value)
+        return Sample({"seq": sample.seq, "ok": bool(np.all(frame == sample.seq % self.count))})
 
 
 class Verify(Node):
