@@ -17,6 +17,17 @@ if TYPE_CHECKING:  # annotations only: importing this module (`cp worker`) skips
     Frame = npt.NDArray[np.uint8]
 
 
+def _load_cv2_single_threaded() -> None:
+    """Import OpenCV now (not in the first step) and keep its per-pixel work on this thread.
+
+    A conversion of one frame is memory-bound and short: waking OpenCV's thread pool for it costs
+    more CPU than it saves, and a field laptop runs a dozen node processes on two cores (measured
+    with benchmarks/fanout.py: the pool's threads took 0.1 ms of CPU per 640x480 frame)."""
+    import cv2
+
+    cv2.setNumThreads(1)  # this process is this node alone: nothing else is affected
+
+
 def _check_int(what: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise NodeConfigError(f"{what} must be an integer in {low}..{high}, got {value!r}")
@@ -57,7 +68,7 @@ class Grayscale(Node):
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"grayscale node {ctx.node_id!r}"
         self._ctx = ctx
-        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
+        _load_cv2_single_threaded()
 
     def step(self, inputs: Inputs) -> Outputs:
         sample = _single(inputs, self._where)
@@ -86,7 +97,7 @@ class Resize(Node):
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"resize node {ctx.node_id!r}"
         self._ctx = ctx
-        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
+        _load_cv2_single_threaded()
 
     def step(self, inputs: Inputs) -> Outputs:
         sample = _single(inputs, self._where)
@@ -125,7 +136,7 @@ class Motion(Node):
 
     def setup(self, ctx: NodeContext) -> None:
         self._where = f"motion node {ctx.node_id!r}"
-        import cv2  # noqa: F401  # loaded now, before the session starts, not in the first step
+        _load_cv2_single_threaded()
         self._previous = None
 
     def step(self, inputs: Inputs) -> Outputs:

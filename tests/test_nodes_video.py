@@ -251,3 +251,16 @@ def test_transforms_reject_a_wrong_number_of_inputs() -> None:
 def test_transforms_declare_one_input_and_a_port() -> None:
     assert (Grayscale.outputs, Resize.outputs, Motion.outputs) == (("video",), ("video",), ("motion",))
     assert Grayscale.input_count == Resize.input_count == Motion.input_count == 1
+
+
+@pytest.mark.parametrize("node_type", [Grayscale, Motion, lambda: Resize(width=32, height=24)])
+def test_per_pixel_nodes_keep_opencv_on_their_own_thread(node_type: Any) -> None:
+    import cv2
+
+    cv2.setNumThreads(4)
+    try:
+        node = node_type()
+        node.setup(NodeContext(node_id="x", clock=Clock()))
+        assert cv2.getNumThreads() == 1  # no pool to wake for each frame
+    finally:
+        cv2.setNumThreads(-1)  # OpenCV's default again, for the tests after this one
