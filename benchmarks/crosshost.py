@@ -153,7 +153,8 @@ def role_pub(impl: str, width: int, height: int, rate_hz: float, duration_s: flo
 
 
 def role_sub(impl: str, endpoint: str, duration_s: float) -> None:
-    from cpcli.transport.pubsub import DATA_HWM, Subscriber, topic_for
+    from cpcli.transport.pubsub import DATA_HWM, topic_for
+    from cpcli.transport.subscriber import Subscriber
 
     context = zmq.Context()
     received = dropped = 0

@@ -331,12 +331,12 @@ def security_role(args: argparse.Namespace) -> None:
     """
     import crosshost
 
-    from cpcli.transport import pubsub
+    from cpcli.transport import pubsub, subscriber
 
     sec = security.take(os.environ)
     if sec is not None:
         pubsub.Publisher = functools.partial(pubsub.Publisher, security=sec)  # type: ignore[misc]
-        pubsub.Subscriber = functools.partial(pubsub.Subscriber, security=sec)  # type: ignore[misc]
+        subscriber.Subscriber = functools.partial(subscriber.Subscriber, security=sec)  # type: ignore[misc]
     impl = "raw" if args.impl == "raw" else "ours"
     if args.role == "pub":
         w, h = (int(x) for x in args.size.split("x"))

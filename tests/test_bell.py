@@ -18,7 +18,8 @@ import zmq
 from cpcli.errors import TransportError
 from cpcli.node import Sample
 from cpcli.transport import bell, shm
-from cpcli.transport.pubsub import DATA_HWM, Publisher, SharedMemoryPlan, Subscriber, topic_for
+from cpcli.transport.pubsub import DATA_HWM, Publisher, SharedMemoryPlan, topic_for
+from cpcli.transport.subscriber import Subscriber
 from tests.conftest import wait_until as _until
 
 WAIT_S = 5.0

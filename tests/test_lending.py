@@ -19,7 +19,8 @@ from cpcli.errors import NodeError, TransportError
 from cpcli.node import NodeContext, Sample
 from cpcli.registry import Registry
 from cpcli.transport import bell, shm
-from cpcli.transport.pubsub import Publisher, SharedMemoryPlan, Subscriber, topic_for
+from cpcli.transport.pubsub import Publisher, SharedMemoryPlan, topic_for
+from cpcli.transport.subscriber import Subscriber
 from tests.conftest import wait_until
 from tests.test_shm import _rows, _run, segments
 

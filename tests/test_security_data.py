@@ -29,7 +29,8 @@ from cpcli.runtime.session import RunOptions, plan_nodes
 from cpcli.runtime.supervisor import Supervisor
 from cpcli.runtime.timing import Timing
 from cpcli.transport.curve import Credentials, DataSecurity, HandshakeWatch
-from cpcli.transport.pubsub import Publisher, Subscriber, topic_for
+from cpcli.transport.pubsub import Publisher, topic_for
+from cpcli.transport.subscriber import Subscriber
 from tests.conftest import wait_until
 
 WAIT_S = 5.0  # longest any single wait in these tests

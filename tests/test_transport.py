@@ -26,7 +26,8 @@ from cpcli.transport.protocol import (
     pack_object,
     unpack_control,
 )
-from cpcli.transport.pubsub import Publisher, Subscriber, topic_for
+from cpcli.transport.pubsub import Publisher, topic_for
+from cpcli.transport.subscriber import Subscriber
 from tests.conftest import wait_until
 
 RECV_TIMEOUT_S = 5.0

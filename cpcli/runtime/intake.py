@@ -11,7 +11,7 @@ import zmq
 from cpcli.node import Sample
 from cpcli.runtime.inputs import InputSet
 from cpcli.transport.curve import DataSecurity
-from cpcli.transport.pubsub import Subscriber
+from cpcli.transport.subscriber import Subscriber
 
 
 class Intake:
