@@ -64,7 +64,7 @@ def _pair(context: zmq.Context[Any], port: str = "video", reader: int | None = N
     prefix = _prefix()
     pub = Publisher(context, "cam", [port])
     assert pub.open_local(prefix)
-    pub.share_memory(SharedMemoryPlan(1, () if reader is None else (reader,), threshold))
+    pub.share_memory(SharedMemoryPlan(1, () if reader is None else ((reader, port),), threshold))
     sub = Subscriber(context, "cam", pub.endpoint, topic_for("cam", port), log, shared_memory=(prefix, reader))
     _until(lambda: pub.subscribers(port) == 1, pub.handle_subscriptions)
     return pub, sub

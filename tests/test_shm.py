@@ -153,3 +153,27 @@ nodes:
     assert segments() == before
     record = json.loads(next((tmp_path / "s").glob("*/*/sink/node.json")).read_text())
     assert record["files"]
+
+
+def test_a_sync_all_reader_of_one_port_never_holds_back_another_port(registry: Registry, tmp_path: Path) -> None:
+    """Sequence numbers are per port: a slow port's `sync: all` reader must not pin the fast port's slots."""
+    text = """
+name: ports
+nodes:
+  src: {type: two_ports, params: {every: 5, rate_hz: 400}}
+  fast: {type: verify, inputs: [src.a], record: true, sync: latest}
+  slow: {type: verify, inputs: [src.b], record: true, sync: all}
+"""
+    before = segments()
+    result = _run(tmp_path, registry, text, duration_s=2.0)
+    assert not result.failures
+    stats = result.manifest["nodes"]["src"]["stats"]
+    assert stats["dropped_out"] == 0, "the pool ran out of slots for port a"
+    for node in ("fast", "slow"):
+        rows = _rows(result, node)
+        assert rows and all(r["ok"] == "true" for r in rows) and all(int(r["n"]) == int(r["seq"]) for r in rows)
+    fast = result.manifest["nodes"]["fast"]["stats"]
+    assert fast["dropped_in"] == {"src.a": 0}
+    assert len(_rows(result, "fast")) > 0.8 * result.manifest["nodes"]["src"]["stats"]["samples_out"] * 5 / 6
+    assert len(_rows(result, "slow")) == result.manifest["nodes"]["slow"]["stats"]["samples_in"]["src.b"]
+    assert segments() == before, "shared memory leaked"

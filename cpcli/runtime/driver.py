@@ -209,7 +209,8 @@ class Driver:
         plan = wiring.get("shared_memory")
         if plan and self._publisher is not None and self._publisher.local_fd is not None:
             self._publisher.share_memory(SharedMemoryPlan(
-                local_readers=int(plan["local_readers"]), all_readers=tuple(plan["all_readers"]),
+                local_readers=int(plan["local_readers"]),
+                all_readers=tuple((int(i), str(p)) for i, p in plan["all_readers"]),
                 threshold_bytes=int(self._config.get("shm_threshold_bytes", 0)) or SHM_THRESHOLD_BYTES))
 
     def _await_subscribers(self) -> None:

@@ -27,7 +27,7 @@ class Bound:
 def wiring(plans: Mapping[str, NodePlan], bound: Mapping[str, Bound]) -> dict[str, dict[str, Any]]:
     """The CONNECT body of every node: its inputs (endpoint, topic, shared memory) and its subscribers."""
     subscribers: dict[str, dict[str, int]] = {n: {} for n in plans}
-    all_readers: dict[str, list[int]] = {n: [] for n in plans}
+    all_readers: dict[str, list[tuple[int, str]]] = {n: [] for n in plans}  # (reader index, port read)
     local_readers = dict.fromkeys(plans, 0)
     inputs: dict[str, list[dict[str, Any]]] = {n: [] for n in plans}
     for plan in plans.values():
@@ -41,7 +41,7 @@ def wiring(plans: Mapping[str, NodePlan], bound: Mapping[str, Bound]) -> dict[st
                 reader = None
                 if plan.sync == "all":  # never reclaim what this reader has not read: backpressure
                     reader = len(all_readers[source])
-                    all_readers[source].append(reader)
+                    all_readers[source].append((reader, port))
                 edge["shm"] = {"prefix": upstream.shm_prefix, "reader": reader}
             inputs[plan.id].append(edge)
     bodies: dict[str, dict[str, Any]] = {}

@@ -60,7 +60,7 @@ class SharedMemoryPlan:
     the prefix given to `Publisher.open_local`)."""
 
     local_readers: int  # subscriptions from this machine, to size the pool
-    all_readers: tuple[int, ...] = ()  # reader indices of `sync: all` inputs (backpressure)
+    all_readers: tuple[tuple[int, str], ...] = ()  # (reader index, port) of `sync: all` inputs (backpressure)
     threshold_bytes: int = SHM_THRESHOLD_BYTES
 
 
@@ -235,7 +235,7 @@ class Publisher:
     def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None,
                         kind: str) -> None:
         pool = self._pool or self._make_pool(array.nbytes)
-        ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S)
+        ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S, port)
         if ref is None:  # every slot still held: the readers see a gap in sequence numbers
             self._count_pool_drop(port)
             return
@@ -289,7 +289,7 @@ class Publisher:
                       rate_hz: float | None, local: bool, remote: bool) -> None:
         topic = self._topics[port]
         if local:
-            ref = self._shared_ref(loan, seq)
+            ref = self._shared_ref(loan, seq, port)
             if ref is None:
                 self._count_pool_drop(port)
             else:
@@ -301,20 +301,20 @@ class Publisher:
             # A lent slot is reused once readers let go: ZeroMQ must copy it (a pinned one never changes).
             self._socket.send_multipart([topic, header_bytes, value.data], copy=isinstance(loan, _Loan))
 
-    def _shared_ref(self, loan: _Loan | _Constant, seq: int) -> shm.SlotRef | None:
+    def _shared_ref(self, loan: _Loan | _Constant, seq: int, port: str) -> shm.SlotRef | None:
         pool = self._pool
         if isinstance(loan, _Loan):
             assert pool is not None
-            loan.ref = pool.publish_lent(loan.index, seq)
+            loan.ref = pool.publish_lent(loan.index, seq, port)
             pool.hold(loan.index)  # not reused within this step (the value may go out on another port)
             return loan.ref
         pool = pool or self._make_pool(loan.array.nbytes)
         if loan.ref is None:
             loan.ref = pool.pin(loan.array)
             if loan.ref is None:
-                return pool.write(loan.array, seq, BACKPRESSURE_TIMEOUT_S)  # no room to pin: copied as usual
+                return pool.write(loan.array, seq, BACKPRESSURE_TIMEOUT_S, port)  # no room to pin: copied as usual
         deadline = time.monotonic() + BACKPRESSURE_TIMEOUT_S
-        while not pool.all_readers_within(seq, SHM_MAX_SLOTS):  # a pinned slot bounds no backlog itself
+        while not pool.all_readers_within(seq, SHM_MAX_SLOTS, port):  # a pinned slot bounds no backlog itself
             if time.monotonic() >= deadline:
                 return None
             time.sleep(shm.BACKPRESSURE_POLL_S)
@@ -358,8 +358,8 @@ class Publisher:
         initial = 2 + 2 * plan.local_readers
         most = max(initial, min(SHM_MAX_SLOTS, SHM_POOL_MAX_BYTES // max(1, nbytes + shm.HEADER_BYTES)))
         self._pool = shm.SlotPool(self._prefix, initial_slots=initial, max_slots=most)
-        for index in plan.all_readers:
-            self._pool.expect_all_reader(index)
+        for index, port in plan.all_readers:
+            self._pool.expect_all_reader(index, port)
         return self._pool
 
     def end(self) -> None:

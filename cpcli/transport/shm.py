@@ -148,7 +148,7 @@ class SlotPool:
         self._initial = max(1, initial_slots)
         self._max = max(self._initial, max_slots)
         self._slots: list[_Segment | None] = []
-        self._seqs: list[int] = []  # last sequence number written to each slot
+        self._seqs: list[tuple[str, int]] = []  # (stream, sequence number) last written to each slot
         self._holds: list[int] = []  # the publisher's own holds (its recorder) on each slot
         self._unheld: deque[int] = deque()  # holds let go of on other threads, counted down at the next claim
         self._pinned: set[int] = set()  # slots written once and never reused
@@ -157,7 +157,7 @@ class SlotPool:
         self._control = _Segment(shm_dir / f"{prefix}_ctl", MAX_READERS * _READER.size, create=True)
         self._readers = np.frombuffer(self._control.map, dtype=np.int64).reshape(MAX_READERS, 2)
         self._readers[:] = -1
-        self._all_readers: list[int] = []  # reader indices with `sync: all`: wait for them
+        self._all_readers: list[tuple[int, str]] = []  # (reader index, stream) of `sync: all` readers: wait for them
         self._generation = 0  # pool-wide, so a rewritten or replaced slot never repeats one
         self.blocked_s = 0.0  # time spent waiting for `all` readers (backpressure)
 
@@ -173,14 +173,15 @@ class SlotPool:
     def slot_count(self) -> int:
         return len(self._slots)
 
-    def expect_all_reader(self, index: int) -> None:
-        """A reader of a `sync: all` input: its unread samples are never reclaimed."""
+    def expect_all_reader(self, index: int, stream: str = "") -> None:
+        """A reader of a `sync: all` input of `stream` (an output port: sequence numbers count per
+        port): its unread samples of that stream are never reclaimed."""
         if not 0 <= index < MAX_READERS:
             raise TransportError(f"reader index {index} is outside 0..{MAX_READERS - 1}")
-        self._all_readers.append(index)
+        self._all_readers.append((index, stream))
 
-    def write(self, payload: np.ndarray, seq: int, timeout_s: float) -> SlotRef | None:
-        """Copy a payload into a free slot (the one copy); None if none freed up in time."""
+    def write(self, payload: np.ndarray, seq: int, timeout_s: float, stream: str = "") -> SlotRef | None:
+        """Copy sample `seq` of `stream` into a free slot (the one copy); None if none freed up in time."""
         nbytes = payload.nbytes
         index = self._claim_waiting(nbytes, timeout_s)
         if index is None:
@@ -194,7 +195,7 @@ class SlotPool:
             np.copyto(segment.payload[:nbytes], payload.reshape(-1).view(np.uint8))
         finally:
             _unlock(segment.fd)
-        self._seqs[index] = seq
+        self._seqs[index] = (stream, seq)
         return SlotRef(index, generation)
 
     def _claim_waiting(self, nbytes: int, timeout_s: float) -> int | None:
@@ -230,15 +231,15 @@ class SlotPool:
         assert segment is not None and index in self._lent
         return segment.payload[: self._lent[index]]
 
-    def publish_lent(self, index: int, seq: int) -> SlotRef:
-        """The node is done building a lent slot: readers may open it from now on."""
+    def publish_lent(self, index: int, seq: int, stream: str = "") -> SlotRef:
+        """The node is done building a lent slot, sample `seq` of `stream`: readers may open it now."""
         nbytes = self._lent.pop(index)
         segment = self._slots[index]
         assert segment is not None
         self._generation += 1
         _HEADER.pack_into(segment.map, 0, self._generation, nbytes)
         _unlock(segment.fd)
-        self._seqs[index] = seq
+        self._seqs[index] = (stream, seq)
         return SlotRef(index, self._generation)
 
     def take_back(self, index: int) -> None:
@@ -282,10 +283,12 @@ class SlotPool:
         while self._unheld:
             self._holds[self._unheld.popleft()] -= 1
 
-    def all_readers_within(self, seq: int, lag: int) -> bool:
-        """Whether every live `sync: all` reader has released sample `seq - lag` (a pinned slot is
-        never reclaimed, so this is what bounds their backlog instead)."""
-        for reader in self._all_readers:
+    def all_readers_within(self, seq: int, lag: int, stream: str = "") -> bool:
+        """Whether every live `sync: all` reader of `stream` has released sample `seq - lag` (a pinned
+        slot is never reclaimed, so this is what bounds their backlog instead)."""
+        for reader, read in self._all_readers:
+            if read != stream:
+                continue
             pid, released = int(self._readers[reader, 0]), int(self._readers[reader, 1])
             if released < seq - lag and (pid < 0 or _pid_alive(pid)):
                 return False
@@ -333,19 +336,21 @@ class SlotPool:
             return None
         if index == len(self._slots):
             self._slots.append(segment)
-            self._seqs.append(-1)
+            self._seqs.append(("", -1))
             self._holds.append(0)
         else:
             self._slots[index] = segment
-            self._seqs[index] = -1
+            self._seqs[index] = ("", -1)
             self._holds[index] = 0
         return index
 
     def _released_by_all(self, index: int) -> bool:
-        seq = self._seqs[index]
+        stream, seq = self._seqs[index]
         if seq < 0 or not self._all_readers:
             return True
-        for reader in self._all_readers:
+        for reader, read in self._all_readers:
+            if read != stream:
+                continue  # another port's reader: its sequence numbers are not this slot's
             pid, released = int(self._readers[reader, 0]), int(self._readers[reader, 1])
             if released < seq and (pid < 0 or _pid_alive(pid)):
                 return False  # an `all` reader (or one still starting up) has not read it yet

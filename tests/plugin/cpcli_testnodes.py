@@ -236,3 +236,32 @@ class WallClock(Node):
         stamp = self._clock.now_ns()
         after = time.clock_gettime_ns(time.CLOCK_REALTIME)
         return Sample({"realtime_ns": (before + after) // 2, "spread_ns": after - before}, t_ns=stamp)
+
+
+class TwoPorts(Node):
+    """Large frames on port `a` every step and on port `b` every `every`-th step (pattern-coded like
+    `pattern`'s, so `verify` reads either): two ports of one pool, at different sequence numbers."""
+
+    outputs = ("a", "b")
+    input_count = 0
+
+    def __init__(self, *, every: int = 4, rate_hz: float = 0.0) -> None:
+        self.every, self.rate_hz = every, rate_hz
+        self._steps = 0
+        self._sent = {"a": 0, "b": 0}
+
+    def _frame(self, port: str) -> object:
+        import numpy as np
+
+        n = self._sent[port]
+        self._sent[port] = n + 1
+        frame = np.full((240, 320, 3), n % 251, dtype=np.uint8)
+        frame.reshape(-1)[:8] = np.frombuffer(np.int64(n).tobytes(), dtype=np.uint8)
+        return frame
+
+    def step(self, inputs: Inputs) -> Outputs:
+        self._steps += 1
+        out = {"a": self._frame("a")}
+        if self._steps % self.every == 0:
+            out["b"] = self._frame("b")
+        return out
