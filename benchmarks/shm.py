@@ -30,6 +30,8 @@ Every number comes from this one run, 1920x1080x3 and 640x480x3 uint8 frames, no
   reordering by sequence number. It runs inside a network namespace of its own with only
   loopback (and zenoh multicast scouting off), so nothing it opens can reach the network.
   Default pool (8 MB) and a 64 MB pool (`DORA_NODE_SHM_POOL_SIZE`), as in the issue.
+- raw pyzmq: PUB -> SUB over loopback TCP, the same 8 precomputed frames sent zero-copy
+  (throughput.py's baseline): what two Python processes get from ZeroMQ alone, no shared memory.
 - latency at 30 frames/s: ours (the sink's capture -> step p50), the ring and dora
   (source stamp -> consumer sees it); and, to split the hand-off from the copy, 16x16 frames
   through the ring (a pipe wake-up) and through raw pyzmq (a ZeroMQ TCP hop: what carries our
@@ -79,7 +81,7 @@ DORA_POOLS = {"dora 8MB": None, "dora 64MB": 64 * 1024 * 1024}  # None: dora's d
 DORA_DEFAULT_POOL_MB = 8
 DORA_INSTALL_TIMEOUT_S = 600
 DORA_BENCH = c.BENCH_DIR / "dora_bench"
-SYSTEMS = ("ring", "ours latest", "ours all", "ours shared", *DORA_POOLS)
+SYSTEMS = ("ring", "ours latest", "ours all", "ours shared", "raw pyzmq", *DORA_POOLS)
 DRAWN_SYSTEMS = ("ours latest", "ours all")  # one write per frame: what the ring is compared with
 
 
@@ -440,7 +442,7 @@ def measure(args: argparse.Namespace, results: Results, dora: Dora | None) -> No
                 for system in order:
                     one("throughput", size, system, 0.0, duration)
             results.loads.append({"phase": f"max rate, repeat {rep + 1}", **load.stop()})
-        lat_systems = ["ring", "ours latest", "ours shared"] + (["dora 8MB"] if dora is not None else [])
+        lat_systems = ["ring", "ours latest", "ours shared", "raw pyzmq"] + (["dora 8MB"] if dora is not None else [])
         lat_repeat = min(args.repeat, 2)
         for rep in range(lat_repeat):
             quiet(args)
