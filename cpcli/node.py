@@ -111,9 +111,10 @@ class NodeContext:
         `cv2.cvtColor(frame, code, dst=buffer)`).
 
         Returned from this `step()` (as the value, or in a `Sample`), it is sent and recorded without
-        a copy: readers on this machine read it in shared memory, where it was built. It is the
-        node's only until `step()` returns; one not returned is taken back then. Never keep it or
-        write to it after that. Its contents start undefined.
+        a copy: readers on this machine read it in shared memory, where it was built. One not
+        returned is taken back when `step()` returns. Do not keep it (a slot is lent again only
+        once nothing refers to its array, so a kept buffer costs the pool a slot), and never write
+        to one you returned: readers may be reading it. Its contents start undefined.
 
         Raises:
             NodeError: `port` is not one of the node's outputs, or the shape or dtype is not one.

@@ -373,3 +373,20 @@ def test_lent_frames_over_tcp_alone_are_plain_memory(registry: Registry, tmp_pat
     assert result.manifest["nodes"]["src"]["stats"]["sent_in_place"] == 0
     rows = _rows(result, "slow")
     assert rows and all(r["ok"] == "true" for r in rows)
+
+
+def test_buffers_a_node_keeps_are_never_lent_again_while_it_has_them(registry: Registry, tmp_path: Path) -> None:
+    text = """
+name: kept
+nodes:
+  src: {type: pattern, params: {width: 640, height: 480, rate_hz: 0, lend: true, keep: true}}
+  fast: {type: verify, inputs: [src], record: true, sync: latest}
+"""
+    before = segments()
+    result = _run(tmp_path, registry, text)
+    assert not result.failures, "a buffer the node kept was lent again and written over"
+    source = result.manifest["nodes"]["src"]["stats"]
+    assert source["samples_out"] > 50 and source["sent_in_place"] > 0
+    rows = _rows(result, "fast")
+    assert rows and all(r["ok"] == "true" for r in rows)
+    assert segments() == before, "shared memory leaked"

@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,7 +50,6 @@ class _Item(NamedTuple):
     value: Any
     rate_hz: float | None
     nbytes: int  # what the queued value holds in memory (arrays), for the byte bound
-    on_written: Callable[[], None] | None  # called once the value is written or dropped (lets go of it)
 
 
 class NodeRecorder:
@@ -115,25 +113,20 @@ class NodeRecorder:
         self._thread = threading.Thread(target=self._run, name=f"cpcli-recorder-{self._node_id}", daemon=True)
         self._thread.start()
 
-    def record(self, port: str, index: int, t_ns: int, value: Any, rate_hz: float | None, local_ns: int,
-               on_written: Callable[[], None] | None = None) -> None:
+    def record(self, port: str, index: int, t_ns: int, value: Any, rate_hz: float | None, local_ns: int) -> None:
         """Queue one sample of `port` (`index` its sequence number, `t_ns` cluster time); never blocks.
 
         `local_ns` is the same instant on this machine's monotonic clock (`time.monotonic_ns()`);
         it is written beside `t_ns` so the stream can be re-aligned after the session.
-        `on_written` is called (on the writer thread, or here when the sample is dropped) once the
-        recorder no longer reads `value`: a shared-memory slot it lies in may be reused then.
 
         Raises:
             ArchiveError: an earlier sample could not be written (the recording is failing).
         """
         error = self._error
         if error is not None:
-            if on_written is not None:
-                on_written()
             raise ArchiveError(error.message, error.hint) from error
         nbytes = int(getattr(value, "nbytes", 0))
-        item = _Item(port, index, t_ns - self._start_ns, int(local_ns), value, rate_hz, nbytes, on_written)
+        item = _Item(port, index, t_ns - self._start_ns, int(local_ns), value, rate_hz, nbytes)
         with self._lock:
             fits = self._backlog == 0 or self._queued_bytes + nbytes <= self._queue_max_bytes
             if not self._closing and fits:
@@ -146,8 +139,6 @@ class NodeRecorder:
                     pass
             self._dropped += 1
             self._unlogged_drops += 1
-        if on_written is not None:
-            on_written()
         self._log_drops(time.monotonic())
 
     def _log_drops(self, now: float) -> None:
@@ -237,8 +228,6 @@ class NodeRecorder:
                 written = True
             except Exception as err:  # the thread's boundary: every failure must reach record() and stop()
                 self._fail(item.port, err)
-        if item.on_written is not None:
-            item.on_written()
         total = sum(w.bytes_written for w in self._writers.values())
         with self._lock:
             self._backlog -= 1

@@ -357,9 +357,8 @@ class Driver:
                 seq = publisher.publish(port, sample.value, t_ns, sample.rate_hz)
                 publisher.offer_preview(port, sample.value, t_ns)
                 if self._recorder is not None:
-                    kept, on_written = publisher.for_recording(sample.value)
-                    self._recorder.record(port, seq, t_ns, kept, sample.rate_hz,
-                                          local_ns=self._clock.mapping.to_local_ns(t_ns), on_written=on_written)
+                    self._recorder.record(port, seq, t_ns, publisher.for_recording(sample.value), sample.rate_hz,
+                                          local_ns=self._clock.mapping.to_local_ns(t_ns))
         finally:
             publisher.end_step()
 

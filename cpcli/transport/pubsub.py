@@ -18,7 +18,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,6 +261,10 @@ class Publisher:
         if index is None:  # still full: sending it will wait once more, then drop it (counted)
             return np.empty(shape, dtype)
         array = pool.view(index).view(dtype).reshape(shape)
+        # The slot is not reused while this array (or a view of it) is alive anywhere: in the
+        # recorder's queue, or kept by the node against the rules. Freed, it lets go by itself.
+        pool.hold(index)
+        weakref.finalize(array, pool.unhold, index)
         self._loans[array.__array_interface__["data"][0]] = _Loan(index, nbytes)
         return array
 
@@ -306,7 +311,6 @@ class Publisher:
         if isinstance(loan, _Loan):
             assert pool is not None
             loan.ref = pool.publish_lent(loan.index, seq, port)
-            pool.hold(loan.index)  # not reused within this step (the value may go out on another port)
             return loan.ref
         pool = pool or self._make_pool(loan.array.nbytes)
         if loan.ref is None:
@@ -320,31 +324,24 @@ class Publisher:
             time.sleep(shm.BACKPRESSURE_POLL_S)
         return loan.ref
 
-    def for_recording(self, value: Any) -> tuple[Any, Callable[[], None] | None]:
-        """What the recorder may keep of a sample just published, and what to call once it has
-        written it: a lent slot is held until then (copied instead if the recorder already
-        holds a quarter of the pool: a slow disk never starves the readers)."""
+    def for_recording(self, value: Any) -> Any:
+        """What the recorder may queue of a sample just published: a lent slot stays held while the
+        recorder has it, so once lent arrays hold a quarter of the pool it gets a copy instead (a
+        slow disk never starves the readers)."""
         if not self._loans or not isinstance(value, np.ndarray):
-            return value, None
-        loan = self._loan_of(value)
-        if not isinstance(loan, _Loan) or self._pool is None:
-            return value, None
+            return value
         pool = self._pool
-        if pool.held >= max(2, pool.max_slots // 4):
-            return value.copy(), None
-        index = loan.index
-        pool.hold(index)
-        return value, lambda: pool.unhold(index)
+        if pool is not None and isinstance(self._loan_of(value), _Loan) and pool.held >= max(2, pool.max_slots // 4):
+            return value.copy()
+        return value
 
     def end_step(self) -> None:
-        """The step is over: lent slots it did not send are free again."""
+        """The step is over: lent slots it did not send are free again (once their arrays are gone)."""
         if self._loans:
             assert self._pool is not None
             for loan in self._loans.values():
                 if loan.ref is None:
                     self._pool.take_back(loan.index)
-                else:
-                    self._pool.unhold(loan.index)
             self._loans.clear()
 
     def _count_pool_drop(self, port: str) -> None:

@@ -266,7 +266,7 @@ class SlotPool:
         return SlotRef(index, self._generation)
 
     def hold(self, index: int) -> None:
-        """The publisher itself still reads this slot (its recorder): never reuse it until `unhold`."""
+        """The publisher's process still uses this slot (a lent array is alive): never reuse it until `unhold`."""
         self._holds[index] += 1
 
     def unhold(self, index: int) -> None:

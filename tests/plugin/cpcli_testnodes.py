@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from cpcli.node import DeviceError, Inputs, Node, NodeConfigError, NodeContext, Outputs, Sample
+from cpcli.node import DeviceError, Inputs, Node, NodeConfigError, NodeContext, NodeError, Outputs, Sample
 
 
 class Counter(Node):
@@ -107,12 +108,15 @@ class Pattern(Node):
     input_count = 0
 
     def __init__(self, *, width: int = 640, height: int = 480, rate_hz: float = 0.0, lend: bool = False,
-                 spoil: bool = False) -> None:
+                 spoil: bool = False, keep: bool = False) -> None:
         """`lend`: build each frame in `ctx.output_buffer`; `spoil`: also take a second buffer every
-        step, scribble over it and never return it (it must be taken back, unseen by readers)."""
+        step, scribble over it and never return it (it must be taken back, unseen by readers);
+        `keep`: also keep the last 3 sent frames and an unsent buffer (against the rules) and check
+        every step that nothing was written over them (a kept buffer must never be lent again)."""
         self.width, self.height, self.rate_hz = width, height, rate_hz
-        self.lend, self.spoil = lend, spoil
+        self.lend, self.spoil, self.keep = lend, spoil, keep
         self._n = 0
+        self._kept: list[tuple[int, Any]] = []
 
     def setup(self, ctx: NodeContext) -> None:
         self._ctx = ctx
@@ -126,6 +130,13 @@ class Pattern(Node):
         frame = self._ctx.output_buffer("video", shape) if self.lend else np.empty(shape, np.uint8)
         frame.fill(self._n % 251)
         frame.reshape(-1)[:8] = np.frombuffer(np.int64(self._n).tobytes(), dtype=np.uint8)
+        if self.keep:
+            for fill, kept in self._kept:
+                if not np.all(kept.reshape(-1)[8:] == fill):
+                    raise NodeError(f"a kept buffer (filled with {fill}) was written over")
+            unsent = self._ctx.output_buffer("video", shape)
+            unsent.fill(252)
+            self._kept = [*self._kept[-3:], (self._n % 251, frame), (252, unsent)][-4:]
         self._n += 1
         return frame
 
