@@ -19,7 +19,7 @@ from cpcli.errors import NodeError, TransportError
 from cpcli.node import NodeContext, Sample
 from cpcli.registry import Registry
 from cpcli.transport import bell, shm
-from cpcli.transport.pubsub import Publisher, SharedMemoryPlan, topic_for
+from cpcli.transport.pubsub import SHM_MAX_SLOTS, Publisher, SharedMemoryPlan, topic_for
 from cpcli.transport.subscriber import Subscriber
 from tests.conftest import wait_until
 from tests.test_shm import _rows, _run, segments
@@ -174,6 +174,31 @@ def test_a_lent_frame_reaches_shared_memory_and_tcp_readers_intact_after_its_slo
     finally:
         for sub in (local, remote):
             sub.close()
+        pub.close()
+
+
+def test_a_lend_that_waited_in_vain_for_a_sync_all_reader_is_not_waited_for_twice(context: zmq.Context[Any]) -> None:
+    prefix = shm.segment_prefix(uuid.uuid4().hex[:8], "cam", os.getpid())
+    pub = Publisher(context, "cam", ["video"])
+    assert pub.open_local(prefix)
+    pub.share_memory(SharedMemoryPlan(1, ((0, "video"),)))
+    stuck = Subscriber(context, "cam", pub.endpoint, topic_for("cam", "video"), log, shared_memory=(prefix, 0))
+    try:
+        wait_until(lambda: pub.subscribers("video") == 1, pub.handle_subscriptions)
+        for n in range(SHM_MAX_SLOTS):  # the reader releases nothing: every slot stays its
+            pub.publish("video", pub.lend("video", FRAME, np.dtype(np.uint8)), n)
+            pub.end_step()
+        assert pub.lent_sent == SHM_MAX_SLOTS and pub._pool is not None  # noqa: SLF001
+        waited_before = pub._pool.blocked_s  # noqa: SLF001
+        frame = pub.lend("video", FRAME, np.dtype(np.uint8))  # waits for the reader, in vain
+        assert frame.base is None, "no slot was free: plain memory"
+        pub.publish("video", frame, SHM_MAX_SLOTS)  # dropped at once, counted
+        pub.end_step()
+        assert pub.pool_dropped == 1
+        waited = pub._pool.blocked_s - waited_before  # noqa: SLF001
+        assert 0.9 <= waited < 1.5, f"the source waited {waited:.2f} s: once for the lend and again to send"
+    finally:
+        stuck.close()
         pub.close()
 
 

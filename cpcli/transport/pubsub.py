@@ -110,6 +110,7 @@ class Publisher:
         self._loans: dict[int, _Loan] = {}  # data address -> slot lent out since the last end_step()
         self._constants: dict[int, _Constant] = {}  # data address -> a value sent again and again
         self._constant_bytes = 0
+        self._waited: set[str] = set()  # ports whose lend this step found no slot in time
         self.lent_sent = 0  # samples sent from a lent or pinned slot: written once, copied by nobody
 
     @property
@@ -236,7 +237,8 @@ class Publisher:
     def _publish_shared(self, port: str, array: np.ndarray, seq: int, t_ns: int, rate_hz: float | None,
                         kind: str) -> None:
         pool = self._pool or self._make_pool(array.nbytes)
-        ref = pool.write(array, seq, BACKPRESSURE_TIMEOUT_S, port)
+        waited = port in self._waited  # this step already waited for a slot for this port, in vain
+        ref = pool.write(array, seq, 0.0 if waited else BACKPRESSURE_TIMEOUT_S, port)
         if ref is None:  # every slot still held: the readers see a gap in sequence numbers
             self._count_pool_drop(port)
             return
@@ -257,8 +259,9 @@ class Publisher:
                 or threading.get_ident() != self._owner or dtype.hasobject):
             return np.empty(shape, dtype)
         pool = self._pool or self._make_pool(nbytes)
-        index = pool.lend(nbytes, BACKPRESSURE_TIMEOUT_S)  # the source waits here, as it would to send
-        if index is None:  # still full: sending it will wait once more, then drop it (counted)
+        index = pool.lend(nbytes, 0.0 if port in self._waited else BACKPRESSURE_TIMEOUT_S)  # waits as sending would
+        if index is None:  # still full: sending it this step drops it at once (counted), no second wait
+            self._waited.add(port)
             return np.empty(shape, dtype)
         array = pool.view(index).view(dtype).reshape(shape)
         # The slot is not reused while this array (or a view of it) is alive anywhere: in the
@@ -343,6 +346,7 @@ class Publisher:
                 if loan.ref is None:
                     self._pool.take_back(loan.index)
             self._loans.clear()
+        self._waited.clear()
 
     def _count_pool_drop(self, port: str) -> None:
         self.pool_dropped += 1
