@@ -10,7 +10,8 @@ publisher waits for those readers (backpressure) instead of reclaiming what they
 
 A slot can also be lent to the node before it is written (`lend`: the node builds its value in
 place, so nothing is copied), pinned (`pin`: a value sent many times, written once and never
-reused) or held by the publisher's own recorder until it has written the value (`hold`).
+reused) or held while the publisher's own process still uses it (`hold`: a lent array is alive,
+in the recorder's queue or kept by the node).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class SlotPool:
         self._max = max(self._initial, max_slots)
         self._slots: list[_Segment | None] = []
         self._seqs: list[tuple[str, int]] = []  # (stream, sequence number) last written to each slot
-        self._holds: list[int] = []  # the publisher's own holds (its recorder) on each slot
+        self._holds: list[int] = []  # the publisher's own holds on each slot (lent arrays still alive)
         self._unheld: deque[int] = deque()  # holds let go of on other threads, counted down at the next claim
         self._pinned: set[int] = set()  # slots written once and never reused
         self._lent: dict[int, int] = {}  # slot -> payload bytes, for slots lent out and not yet published
