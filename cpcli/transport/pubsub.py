@@ -242,7 +242,11 @@ class Publisher:
         if ref is None:  # every slot still held: the readers see a gap in sequence numbers
             self._count_pool_drop(port)
             return
-        header = Header(seq, t_ns, kind, array.dtype.str, array.shape, rate_hz, ref.slot, ref.generation)
+        self._send_ref(port, ref, Header(seq, t_ns, kind, array.dtype.str, array.shape, rate_hz))
+
+    def _send_ref(self, port: str, ref: shm.SlotRef, header: Header) -> None:
+        """Tell same-host readers where sample `header` lies in the pool."""
+        header = header._replace(slot=ref.slot, generation=ref.generation)
         self._send_local(self._topics[port], (bell.frame(encode_header(header)),))
 
     # -- values built in place (lent slots) and values sent again and again (pinned slots) ------
@@ -290,24 +294,22 @@ class Publisher:
         found: _Loan | _Constant | None = self._loans.get(address) or self._constants.get(address)
         if found is None:
             return None
-        nbytes = found.nbytes if isinstance(found, _Loan) else found.array.nbytes
-        return found if value.nbytes == nbytes else None
+        return found if value.nbytes == found.nbytes else None
 
     def _publish_loan(self, port: str, loan: _Loan | _Constant, value: np.ndarray, seq: int, t_ns: int,
                       rate_hz: float | None, local: bool, remote: bool) -> None:
-        topic = self._topics[port]
+        header = Header(seq, t_ns, KIND_SHM, value.dtype.str, value.shape, rate_hz)
         if local:
             ref = self._shared_ref(loan, seq, port)
             if ref is None:
                 self._count_pool_drop(port)
             else:
-                header = Header(seq, t_ns, KIND_SHM, value.dtype.str, value.shape, rate_hz, ref.slot, ref.generation)
-                self._send_local(topic, (bell.frame(encode_header(header)),))
+                self._send_ref(port, ref, header)
                 self.lent_sent += 1
         if remote:
-            header_bytes = encode_header(Header(seq, t_ns, KIND_ARRAY, value.dtype.str, value.shape, rate_hz))
             # A lent slot is reused once readers let go: ZeroMQ must copy it (a pinned one never changes).
-            self._socket.send_multipart([topic, header_bytes, value.data], copy=isinstance(loan, _Loan))
+            self._socket.send_multipart([self._topics[port], encode_header(header._replace(kind=KIND_ARRAY)),
+                                         value.data], copy=isinstance(loan, _Loan))
 
     def _shared_ref(self, loan: _Loan | _Constant, seq: int, port: str) -> shm.SlotRef | None:
         pool = self._pool
@@ -418,3 +420,7 @@ class _Constant:
 
     array: np.ndarray
     ref: shm.SlotRef | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
