@@ -149,6 +149,8 @@ def test_test_video_smallest_and_odd_sizes_work() -> None:
         {"precomputed": -1},
         {"precomputed": 1.5},
         {"width": 7680, "height": 4320, "precomputed": 100},  # 9.3 GiB of frames
+        {"precomputed": 8, "copy": "yes"},
+        {"copy": True},  # copies precomputed frames: none asked for
     ],
 )
 def test_test_video_rejects_bad_params(params: dict[str, Any]) -> None:
