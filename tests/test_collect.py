@@ -218,6 +218,45 @@ def test_collect_killed_mid_file_resumes_with_little_transferred_twice(lab: Lab,
     assert _sha(target) == _sha(big)
 
 
+def _listening_tcp_ports(lab: Lab, host: int) -> set[int]:
+    listed = lab.run(host, ["ss", "-Htln"], stdout=subprocess.PIPE, text=True)
+    out, _ = listed.communicate(timeout=10)
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def _firewall_source_port(lab: Lab, host: int, port: int) -> None:
+    """Drop every packet host `host` sends from TCP port `port`, as a firewall closing that port would.
+
+    (HTB sends what the u32 filter matches into a class whose queue holds nothing: the kernels
+    these tests run on have no tc drop action and no netfilter tools.)
+    """
+    dev = ["dev", "eth0"]
+    for argv in (["qdisc", "add", *dev, "root", "handle", "1:", "htb", "default", "10"],
+                 ["class", "add", *dev, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"],
+                 ["class", "add", *dev, "parent", "1:", "classid", "1:20", "htb", "rate", "10gbit"],
+                 ["qdisc", "add", *dev, "parent", "1:20", "pfifo", "limit", "0"],
+                 ["filter", "add", *dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "sport",
+                  str(port), "0xffff", "flowid", "1:20"]):
+        done = lab.run(host, ["tc", *argv], stderr=subprocess.PIPE, text=True)
+        _, err = done.communicate(timeout=10)
+        assert done.returncode == 0, (argv, err)
+
+
+def test_a_worker_whose_data_port_is_firewalled_is_collected_over_curve(lab: Lab, tmp_path: Path) -> None:
+    cluster, address, session = _session(lab, tmp_path)
+    big = _big_file(cluster, "w2", session)
+    archive = {w["name"]: w for w in cluster.status(1, address)["workers"]}["w2"]["archive"]
+    data_ports = _listening_tcp_ports(lab, 2) - {int(archive.rsplit(":", 1)[1])}
+    assert len(data_ports) == 1, data_ports  # the archive server's two ports are all w2 listens on now
+    _firewall_source_port(lab, 2, data_ports.pop())
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, result, err = _collect(cluster, address, out, session)
+    assert code == 0 and result["complete"], (result, err)
+    assert time.monotonic() - start < 30  # one silence of the data port (3 s here), then Curve carried it
+    assert _sha(out / session / big.relative_to(cluster.data("w2") / session)) == _sha(big)
+
+
 FILL_CHUNK_BYTES = 1 << 20  # the filler's writes: a full tmpfs is reached in a few hundred of them
 SPARE_BYTES = 8 << 20  # above what the up-front check asks for: it passes, and the fill is what stops the collect
 
@@ -547,7 +586,11 @@ def test_archive_server_deletes_a_part_only_when_told_exactly_what_it_holds(
             assert csv.exists() and (session / "logs" / "cam.log").exists()
 
             size = sum((session / path).stat().st_size for path in held)
+            for path in (entry["path"], "logs/cam.log"):  # seals of files about to go (cluster/sealed.py)
+                link.request(m.SEAL, {"session": "s1", "path": path}, m.SEAL_REPLY)
+            assert server.sealed.open_seals == 2
             done = link.delete("s1", held, probe, 0)
+            assert server.sealed.open_seals == 0  # a deleted file is served no more
             assert (done["files"], done["bytes"], done["kept"]) == (3, size, 2)  # the two symlinks stay
             assert not csv.exists() and not (session / "w9" / "worker.json").exists()
             assert not (session / "logs").exists()

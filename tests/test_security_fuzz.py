@@ -40,6 +40,7 @@ from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES
 from cpcli.cluster.channel import MAX_MESSAGE_BYTES
 from cpcli.cluster.client import cluster_status
+from cpcli.cluster.sealed import GET, SEAL_GONE, SEALED, Seal
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.errors import CpError, TransportError
 from cpcli.transport.curve import Credentials
@@ -51,8 +52,8 @@ FRAMES = 10_000
 # Where the frames go. The warm-up sends the manager's process (control port, both archive servers) the
 # same mix as later, 4 MiB frames included, so its allocator and ZeroMQ's buffers have reached their
 # working size when the memory baseline is taken.
-SHARE = {"warmup_manager": 700, "warmup_archive": 300, "manager": 2_300, "archive": 2_100, "publisher": 600,
-         "stranger": 1_000, "manager_after": 3_000}
+SHARE = {"warmup_manager": 700, "warmup_archive": 300, "manager": 2_300, "archive": 1_700, "sealed": 400,
+         "publisher": 600, "stranger": 1_000, "manager_after": 3_000}
 assert sum(SHARE.values()) == FRAMES
 # Growth of the manager's RSS from the warm-up to the end: 0 to 18 MiB measured (heap arenas of its
 # threads filling up to their high-water marks, the fake workers and the 200 recent events it keeps, some
@@ -410,7 +411,7 @@ class Fuzzer:
     def archives(self, addresses: list[str], count: int) -> None:
         deadline = time.monotonic() + PHASE_S
         socks = [self._socket(zmq.DEALER, a, self.member.connect_to) for a in addresses for _ in range(4)]
-        commands = [m.SESSIONS, m.PART, m.FETCH, m.FETCH, m.FETCH, m.STATUS, m.REGISTER]
+        commands = [m.SESSIONS, m.PART, m.FETCH, m.FETCH, m.FETCH, m.SEAL, m.STATUS, m.REGISTER]
         for i in range(count):
             if time.monotonic() > deadline:
                 break
@@ -419,6 +420,35 @@ class Fuzzer:
             if i % 20 == 0:
                 self._drain(socks)
         self._drain(socks)
+
+    def sealed(self, seals: list[tuple[str, Seal]], count: int) -> None:
+        """The archive servers' plain data ports (`cluster/sealed.py`): garbage and unknown tickets from anyone,
+        forged MACs, and members' own requests with hostile offsets and sizes; a few good ones among them."""
+        deadline = time.monotonic() + PHASE_S
+        r = self.rng
+        socks = [(self._socket(zmq.DEALER, f"tcp://{host}:{seal.port}", None), seal) for host, seal in seals
+                 for _ in range(4)]
+        for i in range(count):
+            if time.monotonic() > deadline:
+                break
+            sock, seal = socks[i % len(socks)]
+            pick = r.random()
+            if pick < 0.3:  # past the data socket's 64-byte frames too: ZeroMQ hangs up, the DEALER reconnects
+                frames = [r.randbytes(r.randrange(100)) for _ in range(r.randrange(1, 7))]
+            elif pick < 0.5:
+                frames = Seal(seal.port, r.randbytes(16), seal.key, seal.mac_key).request(0, 100)
+            elif pick < 0.7:
+                frames = [GET, seal.ticket, r.randbytes(12), r.randbytes(16)]
+            elif pick < 0.9:
+                frames = seal.request(r.choice((0, 1, 2**62, 2**64 - 1)), r.choice((0, 1, CHUNK_BYTES, CHUNK_BYTES + 1,
+                                                                                   2**32 - 1)))
+            else:
+                frames = seal.request(0, r.choice((1, 4096)))
+            if self._send(sock, frames, deadline):
+                self.tally.add("sealed")
+            if i % 20 == 0:
+                self._drain([s for s, _ in socks])
+        self._drain([s for s, _ in socks])
 
     def publisher(self, endpoint: str, count: int) -> None:
         """Subscriptions and junk from members' XSUBs: random, real, preview and huge topics, unsubscribes."""
@@ -575,6 +605,32 @@ def _member_request(context: zmq.Context[Any], address: str, member: Credentials
         sock.close()
 
 
+def _seals(context: zmq.Context[Any], archives: list[str], member: Credentials, session: str,
+           paths: list[str]) -> list[tuple[str, Seal]]:
+    """A member's seal from each archive server, for the first of `paths` it holds; (host, seal) each."""
+    seals = []
+    for archive in archives:
+        for path in paths:
+            answer = _member_request(context, archive, member, m.SEAL,
+                                     {"v": PROTOCOL_VERSION, "session": session, "path": path})
+            if answer is not None and answer[0] == m.SEAL_REPLY:
+                seals.append((archive.removeprefix("tcp://").rpartition(":")[0], Seal.from_reply(answer[1])))
+                break
+    assert len(seals) == len(archives), seals
+    return seals
+
+
+def _sealed_request(context: zmq.Context[Any], host: str, seal: Seal) -> list[bytes] | None:
+    sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{host}:{seal.port}")
+    try:
+        sock.send_multipart(seal.request(0, 1))
+        return sock.recv_multipart() if sock.poll(int(ANSWER_S * 1000)) else None
+    finally:
+        sock.close()
+
+
 def _malformed_workers(status: dict[str, Any]) -> list[dict[str, Any]]:
     """Workers whose record the manager should never have taken: names `cp worker` would refuse, and the like."""
     bad = []
@@ -656,6 +712,8 @@ def test_ten_thousand_hostile_frames_crash_nothing_and_are_all_counted(tmp_path:
         # members everywhere while the session records, then strangers
         fuzz.manager(address, SHARE["manager"], oversize=2)
         fuzz.archives(archives, SHARE["archive"])
+        seals = _seals(fuzz.context, archives, member, name, paths)
+        fuzz.sealed(seals, SHARE["sealed"])
         fuzz.publisher(str(session["nodes"]["cam"]["endpoint"]), SHARE["publisher"])
         fuzz.strangers([(f"tcp://{address}", True), *((a, False) for a in archives),
                         (str(session["nodes"]["cam"]["endpoint"]), False)], SHARE["stranger"], own.manager_public)
@@ -691,6 +749,9 @@ def test_ten_thousand_hostile_frames_crash_nothing_and_are_all_counted(tmp_path:
             answer = _member_request(fuzz.context, archive, member, m.SESSIONS, {"v": PROTOCOL_VERSION})
             assert answer is not None and answer[0] == m.SESSION_LIST, (seed, archive, answer)
             assert name in {s["name"] for s in answer[1]["sessions"]}, (seed, archive, answer)
+        for host, seal in seals:  # the data ports still serve a member's good request (or say the seal ended)
+            answer = _sealed_request(fuzz.context, host, seal)
+            assert answer is not None and answer[0] in (SEALED, SEAL_GONE), (seed, host, answer)
 
         # all counted
         away = after["manager"]["turned_away"]

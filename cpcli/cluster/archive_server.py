@@ -32,6 +32,7 @@ import zmq
 from cpcli.archive.files import sha256_file
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Router
+from cpcli.cluster.sealed import SEAL_IDLE_S, SealedStreams
 from cpcli.errors import TransportError
 from cpcli.transport.curve import Credentials, Gatekeeper
 from cpcli.transport.protocol import pack_object
@@ -87,7 +88,7 @@ class ArchiveServer:
     """Serves the sessions under `data_dir`: the part `worker` owns, or (None) the manager's records."""
 
     def __init__(self, data_dir: Path, host: str, worker: str | None, logger: logging.Logger | None,
-                 keys: Callable[[], Credentials]) -> None:
+                 keys: Callable[[], Credentials], seal_idle_s: float = SEAL_IDLE_S) -> None:
         self.data_dir = data_dir.resolve()
         self.worker = worker
         self.owner = worker or ""
@@ -96,6 +97,11 @@ class ArchiveServer:
         self._context: zmq.Context[Any] = zmq.Context()
         try:
             self._router = Router(self._context, host, 0, self._log, keys, what="archive server")
+            try:
+                self._sealed = SealedStreams(self._context, host, self._log, seal_idle_s)
+            except Exception:
+                self._router.close()
+                raise
         except Exception:
             self._context.term()
             raise
@@ -113,6 +119,11 @@ class ArchiveServer:
     def credentials(self) -> Credentials:
         """The keys it listens with now (the newest within POLL_MS of a change)."""
         return self._router.credentials
+
+    @property
+    def sealed(self) -> SealedStreams:
+        """Its sealed streams (large files beside Curve): bytes served, requests dropped, seals open."""
+        return self._sealed
 
     @property
     def gatekeeper(self) -> Gatekeeper:
@@ -133,6 +144,7 @@ class ArchiveServer:
                 return
         if self._thread.ident is None and not self._closed:  # never started: nobody else closes
             self._closed = True
+            self._sealed.close()
             self._router.close()
             self._context.term()
 
@@ -145,17 +157,27 @@ class ArchiveServer:
     # -- the loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router.socket, zmq.POLLIN)
+        poller.register(self._sealed.socket, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 self._router.check()
+                self._sealed.expire()
                 if self._keys() is not self._router.credentials:
                     self._log.info("the archive server listens again with the cluster's new keys")
+                    self._sealed.drop()  # handed out under the old keys: nothing more for them
+                    poller.unregister(self._router.socket)
                     try:
                         self._router.rebind()
                     except TransportError as err:  # its port was taken meanwhile: cp collect cannot reach it
                         self._log.error("the archive server stopped: %s", err)
                         return
-                if not self._router.socket.poll(POLL_MS):
+                    poller.register(self._router.socket, zmq.POLLIN)
+                ready = dict(poller.poll(POLL_MS))
+                if self._sealed.socket in ready:
+                    self._sealed.serve()
+                if self._router.socket not in ready:
                     continue
                 while (message := self._router.receive()) is not None:
                     peer, command, body = message
@@ -167,6 +189,7 @@ class ArchiveServer:
                         self._log.exception("the archive server could not answer a %s request", command.decode())
                         self._router.send(peer, m.REFUSED, {"message": f"cannot answer ({type(err).__name__})"})
         finally:
+            self._sealed.close()
             self._router.close()
             self._context.term()
 
@@ -180,6 +203,12 @@ class ArchiveServer:
                                                    "files": files, "record": record})
         elif command == m.FETCH:
             self._fetch(peer, body)
+        elif command == m.SEAL:
+            target = self._file(self._session_dir(str(body["session"])), str(body["path"]))
+            try:
+                self._router.send(peer, m.SEAL_REPLY, self._sealed.issue(target, CHUNK_BYTES))
+            except OSError as err:
+                raise _Refused(f"cannot read {body['path']} ({err.strerror})") from err
         elif command == m.DELETE_PART:
             self._router.send(peer, m.DELETED, self._delete_part(body))
         # anything else valid on the control plane is not for us: dropped
@@ -261,6 +290,7 @@ class ArchiveServer:
             raise _Refused(f"{self.worker}'s part of session {session.name} is not what was verified "
                            f"({len(held)} files here, {body['count']} verified): collect it again first")
         targets = [self._own_file(session, path) for path in sorted(held)]  # all checked before any goes
+        self._sealed.drop(set(targets))  # what is deleted is served no more
         deleted = deleted_bytes = 0
         for target in targets:
             try:

@@ -54,6 +54,8 @@ PART = b"PART"  # this machine's part of a session: its record and every file wi
 PART_REPLY = b"PART_REPLY"
 FETCH = b"FETCH"  # one chunk of one file: (path, offset, size), size at most the server's chunk size
 CHUNK = b"CHUNK"  # its header (path, offset, size), followed by a frame of raw bytes
+SEAL = b"SEAL"  # a large file: (path), answered with a seal to fetch its chunks beside Curve (cluster/sealed.py)
+SEAL_REPLY = b"SEAL_REPLY"  # ... the data port, a ticket id, an AES key and a MAC key for that file only
 DELETE_PART = b"DELETE_PART"  # `cp collect --delete-remote`: delete this worker's part, as verified (see below)
 DELETED = b"DELETED"  # ... done: the files and bytes deleted, and how many entries not in the part stayed
 
@@ -89,6 +91,8 @@ SCHEMAS: dict[bytes, _Fields] = {
     PART_REPLY: {"session": str, "owner": str, "files": list, "record": dict},
     FETCH: {"session": str, "path": str, "offset": int, "size": int},
     CHUNK: {"path": str, "offset": int, "size": int},
+    SEAL: {"v": int, "session": str, "path": str},
+    SEAL_REPLY: {"port": int, "ticket": bytes, "key": bytes, "mac": bytes},
     # count and listing: the part's file count and `archive_server.listing_digest` of its paths and
     # sha256s as verified by the client (a digest, so a part of 100,000 files fits in one message);
     # probe: a file the client made in its collected folder, which the server must not see in its own

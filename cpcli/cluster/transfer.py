@@ -3,6 +3,9 @@
 One `ArchiveLink` (one DEALER) belongs to one thread. A file is streamed into `<file>.part`, hashed
 as it arrives, and continues from the part's size on the next run (the part re-hashed first); at
 most CREDIT chunks are requested ahead, so memory stays at CREDIT chunks whatever the file size.
+A large file's chunks come through a seal (`cluster/sealed.py`: AES-GCM beside the Curve link,
+decrypted straight into the file's write buffer) and are written past the page cache
+(`archive/direct.py`); a server whose data port stays silent sends the rest over Curve.
 The link holds the member key; a server whose gatekeeper refuses it raises NotMemberError at once.
 `pull_part` fills a `PartReport` with what was verified and what not; `delete_part` then asks the
 worker to delete its copy of a part verified here in full, `verify_here` checks a part whose
@@ -25,10 +28,12 @@ from typing import Any
 import msgpack
 import zmq
 
+from cpcli.archive.direct import DirectFile
 from cpcli.archive.files import sha256_file
 from cpcli.archive.session import utc_stamp
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, listing_digest, sha256_prefix, unsafe_path
+from cpcli.cluster.sealed import TAG_BYTES, Opener, Seal, SealError
 from cpcli.errors import AccessError, ArchiveError, TransportError
 from cpcli.transport.curve import Credentials, HandshakeWatch, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION, pack_object, unpack_object
@@ -39,6 +44,10 @@ LINGER_MS = 0  # a link given up on drops what it still queued
 PART_SUFFIX = ".part"
 WATCH_MS = 100  # while waiting for an answer, whether the server refused us is checked this often
 HASH_BYTES_PER_S = 50e6  # a slow laptop disk: before deleting, a server hashes the files no record lists again
+
+SEAL_MIN_BYTES = 4 * CHUNK_BYTES  # smaller files go over Curve: a seal costs a round trip and an open there
+RESEALS = 3  # a seal that ends mid-file (idle too long, keys rotated) is asked for again this often
+DATA_MAX_BYTES = CHUNK_BYTES + TAG_BYTES + 4096  # the largest reply the data socket takes
 
 DECLINED = "not confirmed"  # why a worker's copy stayed when the question was answered no
 
@@ -64,6 +73,9 @@ class ArchiveLink:
         self.context, self.address, self.timeout_s = context, address, timeout_s
         self.credentials = credentials
         self.received_bytes = 0
+        self.sealing = True  # False once this server's data port stayed silent: Curve carries the rest
+        self._data: zmq.Socket[Any] | None = None
+        self._data_port = 0
         self._socket, self._watch = self._open()
 
     def _open(self) -> tuple[zmq.Socket[Any], HandshakeWatch]:
@@ -88,8 +100,31 @@ class ArchiveLink:
         self._socket, self._watch = self._open()
 
     def close(self) -> None:
+        self._close_data()
         self._watch.close()
         self._socket.close()
+
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data.close(linger=0)
+            self._data = None
+
+    def _data_socket(self, port: int) -> zmq.Socket[Any]:
+        """A plain DEALER to the server's data port (one per link, reopened when the port changes)."""
+        if self._data is None or self._data_port != port:
+            self._close_data()
+            sock: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, CREDIT * 4)
+            sock.setsockopt(zmq.RCVHWM, CREDIT * 4)
+            sock.setsockopt(zmq.MAXMSGSIZE, DATA_MAX_BYTES)
+            try:
+                sock.connect(f"{self.address.rsplit(':', 1)[0]}:{port}")
+            except zmq.ZMQError as err:
+                sock.close()
+                raise Unreachable(f"cannot connect to port {port} of {self.address}") from err
+            self._data, self._data_port = sock, port
+        return self._data
 
     def _check_refused(self) -> None:
         kind = self._watch.check()
@@ -150,36 +185,99 @@ class ArchiveLink:
 
     def fetch(self, session: str, path: str, size: int, part: Path, on_bytes: Callable[[int], None]) -> str:
         """Pull `path` into `part` (continuing a partial one) and return the whole file's sha256."""
-        offset, digest = sha256_prefix(part) if part.exists() else (0, hashlib.sha256())
-        if offset > size:  # longer than the file it should become: not a prefix of it
+        if part.exists() and part.stat().st_size > size:  # longer than the file it should become: no prefix of it
             part.unlink()
-            offset, digest = 0, hashlib.sha256()
-        asked = offset
-        pending: deque[tuple[int, int]] = deque()
         try:
-            with open(part, "ab") as fh:
-                while offset < size:
-                    while len(pending) < CREDIT and asked < size:
-                        n = min(CHUNK_BYTES, size - asked)
-                        self.send(m.FETCH, {"session": session, "path": path, "offset": asked, "size": n})
-                        pending.append((asked, n))
-                        asked += n
-                    command, header, data = self.receive()
-                    if command != m.CHUNK:
-                        continue
-                    want, n = pending.popleft()
-                    if header["path"] != path or header["offset"] != want or len(data) != n:
-                        raise Refused(f"{path} changed on the worker (a short or misplaced chunk at {want})")
-                    fh.write(data)
-                    digest.update(data)
-                    offset += n
-                    on_bytes(n)
-                fh.flush()
-                os.fsync(fh.fileno())
+            with DirectFile(part, CHUNK_BYTES) as out:  # past the page cache: the bytes are not read here again
+                digest = sha256_prefix(part)[1] if out.offset else hashlib.sha256()
+                if self.sealing and size - out.offset >= SEAL_MIN_BYTES:
+                    self._pull_sealed(session, path, size, out, digest, on_bytes)
+                self._pull(session, path, size, out, digest, on_bytes)
         except Refused:
             self.reset()  # the chunks still in flight must not reach the next file
             raise
         return digest.hexdigest()
+
+    def _pull(self, session: str, path: str, size: int, out: DirectFile, digest: Any,
+              on_bytes: Callable[[int], None]) -> None:
+        """What is left of `path`, chunk by chunk over the Curve link."""
+        asked = out.offset
+        pending: deque[tuple[int, int]] = deque()
+        while out.offset < size:
+            while len(pending) < CREDIT and asked < size:
+                n = min(CHUNK_BYTES, size - asked)
+                self.send(m.FETCH, {"session": session, "path": path, "offset": asked, "size": n})
+                pending.append((asked, n))
+                asked += n
+            command, header, data = self.receive()
+            if command != m.CHUNK:
+                continue
+            want, n = pending.popleft()
+            if header["path"] != path or header["offset"] != want or len(data) != n:
+                raise Refused(f"{path} changed on the worker (a short or misplaced chunk at {want})")
+            out.write(data)
+            digest.update(data)
+            on_bytes(n)
+
+    def _pull_sealed(self, session: str, path: str, size: int, out: DirectFile, digest: Any,
+                     on_bytes: Callable[[int], None]) -> None:
+        """What is left of `path` through seals; returns early, the rest for Curve, if the data port is silent."""
+        for _attempt in range(RESEALS):
+            reply = self.request(m.SEAL, {"session": session, "path": path}, m.SEAL_REPLY)
+            try:
+                seal = Seal.from_reply(reply)
+            except SealError as err:
+                raise Refused(f"{path}: {err}") from err
+            try:
+                if self._pull_through(seal, size, out, digest, on_bytes):
+                    return
+            except Unreachable:  # its data port is not reachable from here (a firewall?): Curve carries on
+                self.sealing = False
+                self._close_data()
+                return
+
+    def _pull_through(self, seal: Seal, size: int, out: DirectFile, digest: Any,
+                      on_bytes: Callable[[int], None]) -> bool:
+        """Pull chunks through one seal until the file is whole (True) or the server says the seal ended (False)."""
+        sock = self._data_socket(seal.port)
+        opener = Opener(seal)
+        asked = out.offset
+        pending: deque[tuple[int, int]] = deque()
+        while out.offset < size:
+            while len(pending) < CREDIT and asked < size:
+                n = min(CHUNK_BYTES, size - asked)
+                sock.send_multipart(seal.request(asked, n))
+                pending.append((asked, n))
+                asked += n
+            frames = self._receive_data(sock)
+            if opener.gone(frames):
+                return False
+            header = opener.header(frames)
+            if header is None:
+                continue  # a late reply of an earlier seal, or not for us
+            want, n = pending.popleft()
+            offset, got, _counter = header
+            if offset != want or got != n:
+                raise Refused(f"a file changed on the worker (a short or misplaced chunk at {want})")
+            with out.buffer(n) as view:
+                try:
+                    opener.open_into(frames, view)
+                except SealError as err:
+                    raise Refused(f"a chunk at {want}: {err}") from err
+                digest.update(view)
+            out.write_buffer(n)
+            self.received_bytes += n
+            on_bytes(n)
+        return True
+
+    def _receive_data(self, sock: zmq.Socket[Any]) -> list[zmq.Frame]:
+        """The next reply on the data socket; Unreachable after timeout_s of silence (NotMemberError if refused)."""
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if sock.poll(min(int(left * 1000) + 1, WATCH_MS)):
+                return sock.recv_multipart(copy=False)
+            self._check_refused()
+        raise Unreachable(f"the data port of {self.address} did not answer within {self.timeout_s:g} s")
 
 
 @dataclass
