@@ -206,7 +206,7 @@ class ArchiveServer:
         elif command == m.SEAL:
             target = self._file(self._session_dir(str(body["session"])), str(body["path"]))
             try:
-                self._router.send(peer, m.SEAL_REPLY, self._sealed.issue(target, CHUNK_BYTES))
+                self._router.send(peer, m.SEAL_REPLY, self._sealed.issue(target))
             except OSError as err:
                 raise _Refused(f"cannot read {body['path']} ({err.strerror})") from err
         elif command == m.DELETE_PART:

@@ -33,6 +33,7 @@ from cpcli.archive.files import sha256_file
 from cpcli.archive.session import utc_stamp
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, listing_digest, sha256_prefix, unsafe_path
+from cpcli.cluster.sealed import CHUNK_BYTES as SEALED_CHUNK_BYTES
 from cpcli.cluster.sealed import TAG_BYTES, Opener, Seal, SealError
 from cpcli.errors import AccessError, ArchiveError, TransportError
 from cpcli.transport.curve import Credentials, HandshakeWatch, refusal_message
@@ -45,9 +46,10 @@ PART_SUFFIX = ".part"
 WATCH_MS = 100  # while waiting for an answer, whether the server refused us is checked this often
 HASH_BYTES_PER_S = 50e6  # a slow laptop disk: before deleting, a server hashes the files no record lists again
 
-SEAL_MIN_BYTES = 4 * CHUNK_BYTES  # smaller files go over Curve: a seal costs a round trip and an open there
+SEAL_MIN_BYTES = 4 << 20  # smaller files go over Curve: a seal costs a round trip and an open there
+SEALED_CREDIT = 4  # sealed chunks in flight per server: 16 MiB, as many bytes ahead as CREDIT's twice over
 RESEALS = 3  # a seal that ends mid-file (idle too long, keys rotated) is asked for again this often
-DATA_MAX_BYTES = CHUNK_BYTES + TAG_BYTES + 4096  # the largest reply the data socket takes
+DATA_MAX_BYTES = SEALED_CHUNK_BYTES + TAG_BYTES + 4096  # the largest reply the data socket takes
 
 DECLINED = "not confirmed"  # why a worker's copy stayed when the question was answered no
 
@@ -115,8 +117,8 @@ class ArchiveLink:
             self._close_data()
             sock: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, CREDIT * 4)
-            sock.setsockopt(zmq.RCVHWM, CREDIT * 4)
+            sock.setsockopt(zmq.SNDHWM, SEALED_CREDIT * 4)
+            sock.setsockopt(zmq.RCVHWM, SEALED_CREDIT * 4)
             sock.setsockopt(zmq.MAXMSGSIZE, DATA_MAX_BYTES)
             try:
                 sock.connect(f"{self.address.rsplit(':', 1)[0]}:{port}")
@@ -188,7 +190,8 @@ class ArchiveLink:
         if part.exists() and part.stat().st_size > size:  # longer than the file it should become: no prefix of it
             part.unlink()
         try:
-            with DirectFile(part, CHUNK_BYTES) as out:  # past the page cache: the bytes are not read here again
+            # past the page cache: the bytes are not read here again
+            with DirectFile(part, max(CHUNK_BYTES, SEALED_CHUNK_BYTES)) as out:
                 digest = sha256_prefix(part)[1] if out.offset else hashlib.sha256()
                 if self.sealing and size - out.offset >= SEAL_MIN_BYTES:
                     self._pull_sealed(session, path, size, out, digest, on_bytes)
@@ -244,8 +247,8 @@ class ArchiveLink:
         asked = out.offset
         pending: deque[tuple[int, int]] = deque()
         while out.offset < size:
-            while len(pending) < CREDIT and asked < size:
-                n = min(CHUNK_BYTES, size - asked)
+            while len(pending) < SEALED_CREDIT and asked < size:
+                n = min(SEALED_CHUNK_BYTES, size - asked)
                 sock.send_multipart(seal.request(asked, n))
                 pending.append((asked, n))
                 asked += n
