@@ -63,8 +63,11 @@ def collect_command(
         out_console.print_json(json.dumps(_result_dict(result)))
         return 0 if result.complete and not result.undeleted else 1
     done = sum(len(p.verified) for p in result.parts.values())
+    moved = result.transferred_bytes
+    rate = f", {moved / max(result.transfer_s, 1e-6) / 1e6:.0f} MB/s" if moved else ""
     out_console.print(f"session {result.session}: {done} files verified in {result.folder} "
-                      f"({result.transferred_bytes / 1e6:.1f} MB transferred)", markup=False)
+                      f"({moved / 1e6:.1f} MB transferred in {result.transfer_s:.1f} s{rate})",
+                      markup=False)
     for part in result.parts.values():
         if part.gone or delete_remote and part.owner != MANAGER:
             out_console.print(part.remote_summary(), markup=False)
@@ -79,7 +82,7 @@ def collect_command(
 
 def _result_dict(result: CollectResult) -> dict[str, object]:
     return {"session": result.session, "folder": str(result.folder), "complete": result.complete,
-            "transferred_bytes": result.transferred_bytes,
+            "transferred_bytes": result.transferred_bytes, "transfer_s": round(result.transfer_s, 4),
             "parts": {name: p.to_dict() for name, p in result.parts.items()}}
 
 

@@ -20,6 +20,7 @@ import json
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,6 +76,7 @@ class CollectResult:
     parts: dict[str, PartReport]
     transferred_bytes: int
     manifest: dict[str, Any]
+    transfer_s: float  # from the first request for a file to the last part verified on disk (fsynced)
 
     @property
     def undeleted(self) -> list[PartReport]:
@@ -162,6 +164,7 @@ class Collector:
         _check_disk(root, [manager, *(p for p in parts.values() if not p.gone)])
         deleting = delete_remote and _confirmed(session, parts, confirm)
         root.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         threads = [threading.Thread(target=self._pull, args=(session, root, part), name=f"collect-{name}",
                                     daemon=True) for name, part in parts.items() if part.status == "pending"]
         for thread in threads:
@@ -169,6 +172,7 @@ class Collector:
         pull_part(self._manager, session, root, manager, self._on_progress)
         for thread in threads:
             thread.join(JOIN_TIMEOUT_S)
+        transfer_s = time.monotonic() - started
         merged = _merged(manifest, manager, parts, self.only)
         _save(root, merged)  # before any worker's copy goes: a disk full here stops the deletion too
         if deleting:
@@ -177,7 +181,7 @@ class Collector:
             _save(root, merged)
         every = [manager, *parts.values()]
         return CollectResult(session, root, all(p.status == "complete" for p in every), {p.owner: p for p in every},
-                             sum(p.transferred_bytes for p in every), merged)
+                             sum(p.transferred_bytes for p in every), merged, transfer_s)
 
     def _part(self, session: str, name: str, manifest: dict[str, Any], earlier: dict[str, Any] | None) -> PartReport:
         """Ask a worker for its part; an unreachable one is reported with what the manager knows it holds.
