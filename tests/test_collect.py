@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import zmq
 from cpcli.cluster import keys
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, ArchiveServer
-from cpcli.cluster.collect import DISK_MARGIN_BYTES, PartReport, pull_part
+from cpcli.cluster.collect import DISK_MARGIN_BYTES
+from cpcli.cluster.parts import PartReport, pull_part
 from cpcli.cluster.transfer import ArchiveLink, Refused
 from cpcli.transport.curve import Credentials
 from cpcli.transport.protocol import PROTOCOL_VERSION
@@ -116,6 +118,7 @@ def test_collect_gathers_every_part_verified_and_a_second_run_moves_nothing(lab:
     code, result, err = _collect(cluster, address, out)  # no SESSION: the latest
     assert code == 0, (result, err)
     assert result["session"] == session and result["complete"]
+    assert 0 < result["transfer_s"] < 60 and result["transferred_bytes"] > 0
     folder = out / session
     sources = {"w2": cluster.data("w2") / session, "w3": cluster.data("w3") / session}
     compared = 0
@@ -150,6 +153,9 @@ def test_collect_gathers_every_part_verified_and_a_second_run_moves_nothing(lab:
     code, again, err = _collect(cluster, address, out, session)
     assert code == 0, (again, err)
     assert again["transferred_bytes"] == 0
+    human = cluster.cp(1, "collect", session, "--out", str(out), "--manager", address)
+    assert human.returncode == 0 and re.search(r"files verified in .* \(0\.0 MB transferred in \d+\.\d s\)",
+                                               human.stdout), human.stdout + human.stderr
 
     # a file changed on its worker after its record was written: fetched twice, then reported
     victim = sources["w2"] / "w2" / "cam" / "video.timestamps.csv"

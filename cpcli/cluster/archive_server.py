@@ -29,9 +29,9 @@ from typing import Any
 
 import zmq
 
-from cpcli.archive.files import sha256_file
 from cpcli.cluster import messages as m
 from cpcli.cluster.channel import Router
+from cpcli.cluster.holdings import SESSION_NAME_RE, WORKER_RECORD, NotHeld, list_part, list_sessions, read_json
 from cpcli.cluster.sealed import SEAL_IDLE_S, SealedStreams
 from cpcli.errors import TransportError
 from cpcli.transport.curve import Credentials, Gatekeeper
@@ -41,10 +41,6 @@ MAX_OFFSET = 1 << 62  # past any file; larger does not fit a file offset (seek r
 CHUNK_BYTES = 1 << 20  # the largest chunk served: bounds memory per request on both ends
 POLL_MS = 100  # the thread's longest sleep: bounds how fast stop() is noticed
 JOIN_TIMEOUT_S = 5.0
-WORKER_RECORD = "worker.json"
-NODE_RECORD = "node.json"
-MANAGER_FILES = ("manifest.json", "recipe.yaml", "events.jsonl", "session.json")  # the manager's record
-SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROBE_RE = re.compile(r"^\.cp-collect-probe-[0-9a-f]{32}$")  # the client's marker file: a name, never a path
 FINISHED = "finished"  # the phase of a worker's part once its final worker.json is written
@@ -66,22 +62,6 @@ def listing_digest(files: dict[str, str]) -> str:
     """One sha256 naming a part's exact listing (each path with its file's sha256), in any order."""
     canonical = json.dumps(sorted(files.items()), separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _hashed(path: Path, rel: str, kind: str) -> dict[str, Any] | None:
-    try:
-        size, sha256 = sha256_file(path)
-    except OSError:
-        return None
-    return {"path": rel, "kind": kind, "bytes": size, "sha256": sha256, "recorded": False}
 
 
 class ArchiveServer:
@@ -195,10 +175,11 @@ class ArchiveServer:
 
     def _answer(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
         if command == m.SESSIONS:
-            self._router.send(peer, m.SESSION_LIST, {"owner": self.owner, "sessions": self.sessions()})
+            self._router.send(peer, m.SESSION_LIST, {"owner": self.owner,
+                                                     "sessions": list_sessions(self.data_dir, self.worker)})
         elif command == m.PART:
             session = self._session_dir(str(body["session"]))
-            files, record = self.part(session)
+            files, record = self._part(session)
             self._router.send(peer, m.PART_REPLY, {"session": session.name, "owner": self.owner,
                                                    "files": files, "record": record})
         elif command == m.FETCH:
@@ -267,6 +248,12 @@ class ArchiveServer:
             raise _Refused(f"refused to delete {path[:200]!r}: it is reached through a symlink")
         return target
 
+    def _part(self, session: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        try:
+            return list_part(session, self.worker)
+        except NotHeld as err:
+            raise _Refused(str(err)) from err
+
     # -- deleting a part ---------------------------------------------------------------------
 
     def _delete_part(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -281,10 +268,10 @@ class ArchiveServer:
             raise _Refused(f"the collected folder is {self.worker}'s own folder of session {session.name}: "
                            "deleting this part would delete the collected copy")
         record = session / self.worker / WORKER_RECORD
-        if record.is_symlink() or _json(record).get("phase") != FINISHED:
+        if record.is_symlink() or read_json(record).get("phase") != FINISHED:
             raise _Refused(f"{self.worker} has not finished session {session.name} (no final {WORKER_RECORD}); "
                            "it may still be recording")
-        files, _record = self.part(session)
+        files, _record = self._part(session)
         held = {str(f.get("path")): str(f.get("sha256")) for f in files}
         if len(held) != body["count"] or listing_digest(held) != body["listing"]:
             raise _Refused(f"{self.worker}'s part of session {session.name} is not what was verified "
@@ -305,81 +292,6 @@ class ArchiveServer:
                        "not in the part stayed", deleted, deleted_bytes, session.name, kept)
         return {"session": session.name, "files": deleted, "bytes": deleted_bytes, "kept": kept}
 
-    def sessions(self) -> list[dict[str, Any]]:
-        found = []
-        try:
-            entries = sorted(self.data_dir.iterdir())
-        except OSError:
-            return []
-        for session in entries:
-            if not session.is_dir() or session.is_symlink() or not SESSION_NAME_RE.match(session.name):
-                continue
-            if self.worker is not None:
-                part = session / self.worker
-                if not part.is_dir():
-                    continue
-                record = _json(part / WORKER_RECORD)
-                found.append({"name": session.name, "start_utc": None, "status": record.get("phase", "unknown"),
-                              "workers": [self.worker], "bytes": _tree_bytes(part)})
-                continue
-            manifest = _json(session / "manifest.json") or _json(session / "session.json")
-            if not manifest:
-                continue
-            workers = sorted(manifest.get("workers") or {n.get("worker") for n in manifest.get("nodes") or []
-                                                         if isinstance(n, dict)})
-            bytes_ = sum(int(f.get("bytes") or 0) for f in manifest.get("files") or [] if isinstance(f, dict))
-            found.append({"name": session.name, "start_utc": manifest.get("start_utc"),
-                          "status": manifest.get("status") or manifest.get("phase") or "unknown",
-                          "workers": [str(w) for w in workers if w], "bytes": bytes_})
-        return found
-
-    def part(self, session: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Every file of this machine's part, with the sha256 its record holds (or one computed now)."""
-        if self.worker is None:
-            record = _json(session / "manifest.json")
-            recorded = {str(f.get("path")): f for f in record.get("files") or [] if isinstance(f, dict)}
-            own: list[dict[str, Any]] = []
-            for name in MANAGER_FILES:
-                path = session / name
-                if path.is_file() and not path.is_symlink():
-                    entry = dict(recorded[name], recorded=True) if name in recorded else _hashed(path, name, "record")
-                    if entry is not None:
-                        own.append(entry)
-            if not own:
-                raise _Refused(f"no record of session {session.name} here")
-            return own, record
-        part = session / self.worker
-        if not part.is_dir():
-            raise _Refused(f"worker {self.worker} holds no part of session {session.name}")
-        record = _json(part / WORKER_RECORD)
-        listed: list[Any] = list(record.get("files") or [])
-        for status in dict(record.get("nodes") or {}).values():
-            if isinstance(status, dict):
-                listed.extend(status.get("files") or [])
-        for node_record in sorted(part.glob(f"*/{NODE_RECORD}")):
-            listed.extend(_json(node_record).get("files") or [])
-        files: dict[str, dict[str, Any]] = {}
-        for entry in listed:
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] not in files:
-                files[entry["path"]] = dict(entry, recorded=True)
-        for root, dirs, names in os.walk(part):  # what no record lists: node.json, worker.json, a killed node's files
-            dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
-            for name in sorted(names):
-                path = Path(root) / name
-                rel = path.relative_to(session).as_posix()
-                if rel in files or name.endswith((".tmp", ".part")) or path.is_symlink():
-                    continue
-                entry = _hashed(path, rel, "record" if name.endswith(".json") else "unrecorded")
-                if entry is not None:
-                    files[rel] = entry
-        for node_dir in sorted(p for p in part.iterdir() if p.is_dir()):
-            rel = f"logs/{node_dir.name}.log"
-            log = session / rel
-            if rel not in files and log.is_file() and not log.is_symlink():
-                entry = _hashed(log, rel, "log")
-                if entry is not None:
-                    files[rel] = entry
-        return list(files.values()), record
 
 
 def _prune(session: Path, worker: str) -> int:
@@ -402,17 +314,6 @@ def _rmdir(folder: Path) -> None:
     """Remove `folder` if it is an empty folder (rmdir(2) refuses a full one, and a symlink)."""
     with contextlib.suppress(OSError):
         folder.rmdir()
-
-
-def _tree_bytes(folder: Path) -> int:
-    total = 0
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            try:
-                total += (Path(root) / name).lstat().st_size
-            except OSError:
-                continue
-    return total
 
 
 def sha256_prefix(path: Path) -> tuple[int, Any]:

@@ -31,22 +31,11 @@ import zmq
 
 from cpcli.archive.manifest import write_json_atomically
 from cpcli.cluster import messages as m
-from cpcli.cluster.archive_server import SESSION_NAME_RE
 from cpcli.cluster.client import cluster_status
+from cpcli.cluster.holdings import SESSION_NAME_RE
+from cpcli.cluster.parts import DECLINED, PART_SUFFIX, PartReport, Progress, delete_part, pull_part, verify_here
 from cpcli.cluster.timing import ClusterTiming
-from cpcli.cluster.transfer import (
-    DECLINED,
-    PART_SUFFIX,
-    ArchiveLink,
-    NotMemberError,
-    PartReport,
-    Progress,
-    Refused,
-    Unreachable,
-    delete_part,
-    pull_part,
-    verify_here,
-)
+from cpcli.cluster.transfer import ArchiveLink, NotMemberError, Refused, Unreachable
 from cpcli.errors import ArchiveError, CpError, PeerLostError
 from cpcli.transport.curve import Credentials
 
