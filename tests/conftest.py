@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -106,3 +107,17 @@ def wait_until(condition: Callable[[], bool], pump: Callable[[], None] | None = 
         if pump is not None:
             pump()
         time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of `size_bytes` mounted at `path` (made here; root only), unmounted whatever happens (lazily if held)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                             capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, timeout=10).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)

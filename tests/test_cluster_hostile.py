@@ -278,10 +278,12 @@ def _listeners(lab: Lab, host: int, protocol: str = "t") -> list[tuple[str, int]
 
 
 def _archive_ports(cluster: ClusterLab, address: str) -> set[tuple[str, int]]:
-    """(address, port) of the archive servers (`cp collect`) the manager and its workers listen on."""
+    """(address, port) of the archive servers (`cp collect`) the manager and its workers listen on, with the
+    data ports of their sealed streams."""
     status = cluster.status(1, address)
     found = set()
-    for archive in [status["manager"].get("archive")] + [w.get("archive") for w in status["workers"]]:
+    for archive in [status["manager"].get(key) for key in ("archive", "archive_data")] + \
+            [w.get(key) for w in status["workers"] for key in ("archive", "archive_data")]:
         if archive:
             host, _, port = str(archive).removeprefix("tcp://").rpartition(":")
             found.add((host, int(port)))
@@ -606,10 +608,10 @@ def test_every_listener_binds_the_chosen_interface_only(lab: Lab, tmp_path: Path
     address = f"{lab.ip(1)}:{PORT}"
     worker = cluster.worker(2, "w2", "--manager", address)
     archives = _archive_ports(cluster, address)  # the manager's, its local worker's and w2's: on the interface
-    assert sorted(a for a, _ in archives) == [lab.ip(1), lab.ip(1), lab.ip(2)]
+    assert sorted(a for a, _ in archives) == [lab.ip(1)] * 4 + [lab.ip(2)] * 2  # two ports each
     # the control port and the archive servers, nothing else while idle; a worker connects to the manager
     assert sorted(_listeners(lab, 1)) == sorted([(lab.ip(1), PORT), *(x for x in archives if x[0] == lab.ip(1))])
-    assert _listeners(lab, 2) == [x for x in archives if x[0] == lab.ip(2)]
+    assert sorted(_listeners(lab, 2)) == sorted(x for x in archives if x[0] == lab.ip(2))
     run = _start_run(cluster, cluster.recipe(UNDER_FIRE), address)
     worker.wait_for(": recording", 30)
     assert len(_node_processes(worker)) == 2  # what the placement test looks for, seen here

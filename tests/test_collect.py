@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -13,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from cpcli.cluster.transfer import ArchiveLink, Refused
 from cpcli.transport.curve import Credentials
 from cpcli.transport.protocol import PROTOCOL_VERSION
 from tests.cluster import PORT, ClusterLab, Proc
+from tests.conftest import small_disk
 from tests.lab import Lab, lab
 
 __all__ = ["lab"]
@@ -267,20 +266,6 @@ FILL_CHUNK_BYTES = 1 << 20  # the filler's writes: a full tmpfs is reached in a 
 SPARE_BYTES = 8 << 20  # above what the up-front check asks for: it passes, and the fill is what stops the collect
 
 
-@contextlib.contextmanager
-def _small_disk(path: Path, size_bytes: int) -> Iterator[Path]:
-    """A tmpfs of `size_bytes` at `path`, unmounted whatever happens (lazily if something still holds it)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-                             capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-    assert mounted.returncode == 0, mounted.stderr
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, timeout=10).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
-
-
 def _fill(path: Path, limit_bytes: int) -> int:
     """Write `path` until its disk is full (ENOSPC); the bytes written. Bounded: at most limit_bytes."""
     written = 0
@@ -306,7 +291,7 @@ def test_collect_stops_cleanly_when_its_disk_fills_and_a_second_run_resumes_the_
     sources = {name: cluster.data(name) / session for name in ("m1", "w2", "w3")}
     to_collect = sum(p.stat().st_size for folder in sources.values() for p in folder.rglob("*") if p.is_file())
     _shape(lab, 2)
-    with _small_disk(tmp_path / "small", to_collect + DISK_MARGIN_BYTES + SPARE_BYTES) as out:
+    with small_disk(tmp_path / "small", to_collect + DISK_MARGIN_BYTES + SPARE_BYTES) as out:
         target = out / session / big.relative_to(sources["w2"])
         part = target.with_name(target.name + ".part")
         filler = out / "filler.bin"

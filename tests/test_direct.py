@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cpcli.archive.direct import BLOCK_BYTES, O_DIRECT, DirectFile
+from tests.conftest import small_disk
 
 CHUNK = 1 << 20
 
@@ -88,24 +88,16 @@ def test_a_write_larger_than_the_buffer_is_refused_and_nothing_is_written(tmp_pa
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 3 MiB (root only, like the lab), unmounted whatever happens."""
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 3 MiB (root only, like the lab)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
-                             capture_output=True, text=True, timeout=10)
-    assert mounted.returncode == 0, mounted.stderr
-    try:
+    with small_disk(tmp_path / "small", 3 << 20) as folder:
         yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], capture_output=True, timeout=10).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=10)
 
 
-def test_a_full_disk_raises_enospc_and_what_was_written_is_a_prefix(small_disk: Path) -> None:
-    path = small_disk / "out.bin"
+def test_a_full_disk_raises_enospc_and_what_was_written_is_a_prefix(full_disk: Path) -> None:
+    path = full_disk / "out.bin"
     written = 0
     with pytest.raises(OSError) as raised, DirectFile(path, CHUNK) as out:
         for i in range(8):  # 8 MiB into 3: bounded, and ENOSPC comes before the end

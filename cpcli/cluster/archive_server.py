@@ -96,6 +96,11 @@ class ArchiveServer:
         return f"tcp://{self.host}:{self.port}"
 
     @property
+    def data_address(self) -> str:
+        """Where its sealed streams are served (large files for `cp collect`, cluster/sealed.py)."""
+        return f"tcp://{self.host}:{self._sealed.port}"
+
+    @property
     def credentials(self) -> Credentials:
         """The keys it listens with now (the newest within POLL_MS of a change)."""
         return self._router.credentials

@@ -75,12 +75,14 @@ class WorkerEntry:
     state: str = "ready"  # ready | running | lost
     lost_at: float | None = None
     archive_port: int | None = None  # where its archive server listens (`cp collect`)
+    archive_data_port: int | None = None  # ... and the data port of its sealed streams (large files)
 
     def public(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "state": self.state, "version": self.version,
                 "last_heartbeat_s": round(now - self.last_heard, 3), "node_types": self.node_types,
                 "devices": self.devices, "clock": _clock_view(self.clock),
                 "archive": f"tcp://{self.host}:{self.archive_port}" if self.archive_port else None,
+                "archive_data": f"tcp://{self.host}:{self.archive_data_port}" if self.archive_data_port else None,
                 **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
                                                        "memory_available", "disk_free")}}
 
@@ -272,7 +274,7 @@ class Manager:
         entry = WorkerEntry(name, peer, str(body["instance"]), str(body["host"]), str(body["version"]),
                             [str(t) for t in body["node_types"]], dict(body.get("resources") or {}),
                             time.monotonic(), [d for d in body.get("devices") or [] if isinstance(d, dict)],
-                            archive_port=body.get("archive_port"))
+                            archive_port=body.get("archive_port"), archive_data_port=body.get("archive_data_port"))
         was_lost = current is not None and current.state == LOST
         self.workers[name] = entry
         self._by_identity[peer] = name
@@ -752,7 +754,8 @@ class Manager:
                             "address": f"{self.config.interface}:{self.port}", "version": __version__,
                             "protocol": PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                             "local_worker": self.config.local_worker,
-                            "archive": self.archive.address if self.archive else None},
+                            "archive": self.archive.address if self.archive else None,
+                            "archive_data": self.archive.data_address if self.archive else None},
                 "workers": [e.public(now) for e in sorted(self.workers.values(), key=lambda e: e.name)],
                 "session": session, "events": list(self.recent_events)[-STATUS_EVENTS:]}
 

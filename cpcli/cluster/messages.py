@@ -102,7 +102,7 @@ SCHEMAS: dict[bytes, _Fields] = {
 # Fields a receiver reads when present (None standing for absent): a wrong type is as malformed as a
 # missing required field, or `dict(body.get("resources") or {})` would end the receiver's loop.
 OPTIONAL: dict[bytes, _Fields] = {
-    REGISTER: {"resources": dict, "devices": list, "archive_port": int},
+    REGISTER: {"resources": dict, "devices": list, "archive_port": int, "archive_data_port": int},
     BEAT: {"resources": dict, "clock": dict},
     WELCOME: {"known_sessions": list},
     REFUSED: {"hint": str, "reregister": bool},
@@ -150,9 +150,10 @@ def check(command: bytes, body: dict[str, Any]) -> None:
             raise TransportError(f"REGISTER with worker name {body['name'][:40]!r}, which is not a name")
         if not HOST_RE.fullmatch(body["host"]):  # shown, and dialled by cp collect
             raise TransportError(f"REGISTER with host {body['host'][:40]!r}, which is not an address")
-        port = body.get("archive_port")
-        if port is not None and not 0 < port < 65536:
-            raise TransportError(f"REGISTER with archive port {port}, which is not a TCP port")
+        for field_name in ("archive_port", "archive_data_port"):
+            port = body.get(field_name)
+            if port is not None and not 0 < port < 65536:
+                raise TransportError(f"REGISTER with {field_name.replace('_', ' ')} {port}, which is not a TCP port")
         for report in body["sessions"]:  # what it still runs: STATE reports, taken in as if just sent
             if isinstance(report, dict):
                 try:

@@ -57,6 +57,7 @@ MAX_SEALS = 64  # open files per archive server at most; a collect uses one per 
 MAX_REQUEST_BYTES = 64  # the largest frame the data socket takes: requests are 48 bytes
 HWM = 16  # queued replies (up to 4 MiB each) per peer: a member asks for at most its credit (4) ahead
 LINGER_MS = 0  # the data socket's replies are worth nothing once the server stops
+SERVE_BATCH = 64  # requests answered per turn of the server's loop, at most
 
 
 class SealError(Exception):
@@ -119,8 +120,8 @@ class SealedStreams:
         return {"port": self.port, "ticket": ticket, "key": key, "mac": mac_key}
 
     def serve(self) -> None:
-        """Answer every request waiting (non-blocking)."""
-        while True:
+        """Answer the requests waiting, at most SERVE_BATCH (non-blocking): the Curve link gets its turn between."""
+        for _ in range(SERVE_BATCH):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -189,7 +189,8 @@ class WorkerAgent:
         return {"v": PROTOCOL_VERSION, "name": self.config.name, "instance": self._instance,
                 "host": self.config.interface, "version": __version__,
                 "node_types": sorted(self._registry.types), "devices": self._devices, "sessions": sessions,
-                "resources": resources(self.config.data_dir), "archive_port": self._archive.port}
+                "resources": resources(self.config.data_dir), "archive_port": self._archive.port,
+                "archive_data_port": self._archive.sealed.port}
 
     def _keep_in_touch(self) -> None:
         now = time.monotonic()
