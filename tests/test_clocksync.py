@@ -111,7 +111,7 @@ def test_mapping_round_trips_and_serializes() -> None:
 
 
 def test_clock_warnings_name_the_worker_and_its_uncertainty() -> None:
-    from cpcli.cluster.manager import clock_warnings
+    from cpcli.cluster.session_record import clock_warnings
 
     workers = {"lab-02": {"finished": True, "clock": {"measured": True, "max_uncertainty_ns": 2_500_000}},
                "lab-03": {"finished": True, "clock": {"measured": True, "max_uncertainty_ns": 40_000}},

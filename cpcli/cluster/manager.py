@@ -5,7 +5,8 @@ worker it uses, wired across them once every publisher is bound, started on all 
 and stopped together. The manager keeps the session record (`session.json` while it runs, then
 `manifest.json`, `recipe.yaml`, `events.jsonl`) in `--data/<session>/`; the workers record their
 nodes on their own disks. A manager that restarts mid-session picks the record up again and
-follows the workers as they re-register; nothing they recorded depends on it.
+follows the workers as they re-register; nothing they recorded depends on it. What it keeps of
+a session, and the manifest made of it, are `cluster/session_record.py`'s.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import zmq
 
 from cpcli import __version__
 from cpcli.archive.files import file_record
-from cpcli.archive.manifest import read_node_record, write_json_atomically, write_manifest
+from cpcli.archive.manifest import write_json_atomically, write_manifest
 from cpcli.archive.session import EventLog, create_session_dir, default_session_name, utc_stamp
-from cpcli.clock import CLOCK_WARN_NS
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import ArchiveServer
 from cpcli.cluster.channel import Router
 from cpcli.cluster.clocknet import ClockServer, clock_keys
 from cpcli.cluster.keys import KeyRing
+from cpcli.cluster.session_record import LOST, SESSION_RECORD, ClusterSession, build_manifest
 from cpcli.cluster.timing import ClusterTiming
 from cpcli.errors import ArchiveError, CpError, TransportError
 from cpcli.runtime.plan import plan_from_dict, status_from_dict, status_to_dict
@@ -44,8 +45,6 @@ from cpcli.transport.protocol import PROTOCOL_VERSION
 POLL_MS = 50
 RECENT_EVENTS = 200  # lifecycle events and marks kept in memory for status and monitor
 STATUS_EVENTS = 30  # of which a status reply carries the newest
-SESSION_RECORD = "session.json"  # the manager's record of a session while it runs
-LOST = "lost"
 
 
 @dataclass(frozen=True)
@@ -85,57 +84,6 @@ class WorkerEntry:
                 "archive_data": f"tcp://{self.host}:{self.archive_data_port}" if self.archive_data_port else None,
                 **{k: self.resources.get(k) for k in ("cpu_percent", "cpu_count", "memory_total",
                                                        "memory_available", "disk_free")}}
-
-
-@dataclass
-class ClusterSession:
-    """One session across workers, as the manager follows it."""
-
-    name: str
-    dir: Path
-    recipe: str
-    recipe_text: str
-    nodes: list[dict[str, Any]]  # the plans, as plain data, each with its "worker"
-    options: dict[str, Any]
-    timing: dict[str, Any]
-    on_worker_lost: str = "continue"
-    phase: str = "preparing"  # preparing | wired | running | stopping | finished
-    client: bytes | None = None
-    client_heard: float = 0.0
-    created: float = field(default_factory=time.monotonic)
-    start_ns: int | None = None  # manager monotonic time of the start (the session timeline's 0)
-    start_utc: str | None = None
-    stop_ns: int | None = None
-    stop_deadline: float = 0.0
-    bound: dict[str, Bound] = field(default_factory=dict)
-    ready: set[str] = field(default_factory=set)
-    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker -> its final report
-    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> last status
-    failures: dict[str, str] = field(default_factory=dict)
-    lost: dict[str, int] = field(default_factory=dict)  # worker -> session time it was lost (ns)
-    rejoined: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    interrupted: bool = False
-    next_progress: float = 0.0
-    client_token: str = field(default_factory=lambda: secrets.token_hex(16))  # only its cp run may reattach
-
-    @property
-    def workers(self) -> list[str]:
-        return sorted({str(n["worker"]) for n in self.nodes})
-
-    def on(self, worker: str) -> list[dict[str, Any]]:
-        return [n for n in self.nodes if n["worker"] == worker]
-
-    def t_ns(self) -> int:
-        return 0 if self.start_ns is None else time.monotonic_ns() - self.start_ns
-
-    def record(self) -> dict[str, Any]:
-        """What a restarted manager needs to follow the session again."""
-        return {"session": self.name, "recipe": self.recipe, "nodes": self.nodes, "options": self.options,
-                "timing": self.timing, "on_worker_lost": self.on_worker_lost, "phase": self.phase,
-                "start_ns": self.start_ns, "start_utc": self.start_utc, "stop_ns": self.stop_ns,
-                "lost": self.lost, "failures": self.failures, "error": self.error,
-                "interrupted": self.interrupted, "client_token": self.client_token}
 
 
 class Manager:
@@ -531,10 +479,6 @@ class Manager:
             session.next_progress = now + self.config.timing.progress_s
             self.router.send(session.client, m.PROGRESS, self._progress(session))
 
-    @staticmethod
-    def _worker_of(session: ClusterSession, node_id: str) -> str:
-        return next(str(n["worker"]) for n in session.nodes if n["id"] == node_id)
-
     def _lost_now(self, session: ClusterSession) -> set[str]:
         return {w for w in session.workers if self.workers.get(w) is None or self.workers[w].state == LOST}
 
@@ -620,7 +564,9 @@ class Manager:
             for node_id, status in dict(report.get("nodes") or {}).items():
                 if isinstance(status, dict):
                     session.statuses[node_id] = status
-        manifest = self._manifest(session, self._lost_now(session) - set(session.finished))
+        hosts = {name: entry.host for name, entry in self.workers.items()}
+        manager = {"name": self.config.name, "cluster": self.config.cluster, "host": self.config.interface}
+        manifest = build_manifest(session, hosts, self._lost_now(session) - set(session.finished), manager)
         if self._events is not None:
             self._events.close()
             self._events = None
@@ -629,69 +575,6 @@ class Manager:
             manifest["files"].append(file_record(events, "events.jsonl", "events").__dict__)
         write_manifest(session.dir, manifest)
         self._persist(session)
-        return manifest
-
-    def _manifest(self, session: ClusterSession, lost: set[str]) -> dict[str, Any]:
-        started = session.start_ns is not None
-        end = session.stop_ns or time.monotonic_ns()
-        duration_ns = max(0, end - session.start_ns) if session.start_ns is not None else 0
-        workers: dict[str, Any] = {}
-        for name in session.workers:
-            entry = self.workers.get(name)
-            report = session.finished.get(name, {})
-            history = [row for row in report.get("clock") or [] if isinstance(row, list) and len(row) == 4]
-            workers[name] = {"host": entry.host if entry else None, "clock": _clock_record(history),
-                             "finished": name in session.finished,
-                             "files": list(report.get("files") or [])}
-            if name in session.lost:
-                workers[name]["lost_at_ns"] = session.lost[name]
-                if name in session.rejoined:
-                    workers[name]["rejoined_at_ns"] = session.rejoined[name]
-        nodes: dict[str, Any] = {}
-        for node in session.nodes:
-            status = session.statuses.get(node["id"], {})
-            files, stats = list(status.get("files") or []), dict(status.get("stats") or {})
-            if node["record"] and not files:  # a node whose worker did not report: trust its own record
-                own = read_node_record(session.dir, node["worker"], node["id"])
-                if own is not None:
-                    files, stats = list(own.get("files", [])), own.get("stats", stats)
-            state = status.get("state", "starting")
-            if node["worker"] in lost and node["worker"] not in session.finished:
-                state = LOST
-            record = {"type": node["type"], "worker": node["worker"], "params": node["params"],
-                      "record": node["record"], "inputs": [i[0] for i in node["inputs"]], "stats": stats,
-                      "files": files, "state": state, "info": dict(status.get("info") or {})}
-            if status.get("error"):
-                record["error"] = status["error"]
-            gone = {i[1]: session.lost[w] for i in node["inputs"]
-                    if (w := self._worker_of(session, i[1])) in session.lost and w not in session.finished}
-            if gone:  # fed by a machine that was lost: what it received stops there
-                record["inputs_lost"] = {source: {"worker": self._worker_of(session, source), "lost_at_ns": t}
-                                         for source, t in gone.items()}
-            nodes[node["id"]] = record
-        failed = session.failures or session.error or any(n["state"] == "failed" for n in nodes.values())
-        unfinished = [w for w in session.workers if w not in session.finished]
-        outcome = "failed" if failed else "incomplete" if unfinished or not started else "complete"
-        manifest: dict[str, Any] = {
-            "session": session.name, "recipe": session.recipe, "start_utc": session.start_utc,
-            "duration_ns": duration_ns, "cpcli_version": __version__, "status": outcome,
-            "clock": {"start_cluster_ns": session.start_ns, "source": self.config.name},
-            "manager": {"name": self.config.name, "cluster": self.config.cluster, "host": self.config.interface},
-            "workers": workers, "nodes": nodes, "files": [],
-        }
-        if session.error:
-            manifest["error"] = session.error
-        warnings = clock_warnings(workers)
-        if warnings:
-            manifest["warnings"] = warnings
-        if session.lost:
-            manifest["lost_workers"] = {w: {"lost_at_ns": t, "rejoined_at_ns": session.rejoined.get(w),
-                                            "finished": w in session.finished} for w, t in session.lost.items()}
-        recipe = session.dir / "recipe.yaml"
-        if recipe.exists():
-            manifest["files"].append(file_record(recipe, "recipe.yaml", "recipe").__dict__)
-        for report in session.finished.values():
-            manifest["files"].extend(report.get("files") or [])
         return manifest
 
     # -- record and restart ------------------------------------------------------------------
@@ -716,15 +599,7 @@ class Manager:
                 continue
             if not isinstance(data, dict) or data.get("phase") in ("finished", None):
                 continue
-            session = ClusterSession(
-                name=path.parent.name, dir=path.parent, recipe=str(data.get("recipe", "")), recipe_text="",
-                nodes=list(data.get("nodes") or []), options=dict(data.get("options") or {}),
-                timing=dict(data.get("timing") or {}), on_worker_lost=str(data.get("on_worker_lost", "continue")),
-                phase=str(data["phase"]), client=b"", client_heard=time.monotonic() + self.config.timing.reattach_s,
-                start_ns=data.get("start_ns"), start_utc=data.get("start_utc"), stop_ns=data.get("stop_ns"),
-                lost={str(k): int(v) for k, v in dict(data.get("lost") or {}).items()},
-                failures=dict(data.get("failures") or {}), error=data.get("error"),
-                interrupted=bool(data.get("interrupted")), client_token=str(data.get("client_token") or ""))
+            session = ClusterSession.from_record(path.parent, data, self.config.timing.reattach_s)
             self.session = session
             self._event(session, "manager_restarted", manager=self.config.name)
             if session.phase in ("preparing", "wired"):
@@ -767,27 +642,3 @@ def _clock_view(mapping: dict[str, Any]) -> dict[str, Any] | None:
     return {"offset_ns": int(mapping.get("offset_ns", 0)),
             "drift_ppm": round(float(mapping.get("drift_ppb", 0)) / 1e3, 3),
             "uncertainty_ns": int(mapping.get("uncertainty_ns", 0))}
-
-
-def _clock_record(history: list[list[Any]]) -> dict[str, Any]:
-    """The manifest's clock of one worker: the last estimate, the worst uncertainty, and the history."""
-    if not history:
-        return {"offset_ns": None, "drift_ppm": None, "uncertainty_ns": None, "measured": False, "history": []}
-    last = history[-1]
-    worst = max(int(row[3]) for row in history)
-    return {"offset_ns": int(last[1]), "drift_ppm": round(float(last[2]) / 1e3, 3), "uncertainty_ns": int(last[3]),
-            "max_uncertainty_ns": worst, "measured": True,
-            "history_columns": ["t_ns", "offset_ns", "drift_ppb", "uncertainty_ns"], "history": history}
-
-
-def clock_warnings(workers: dict[str, Any], threshold_ns: int = CLOCK_WARN_NS) -> list[str]:
-    """What the summary says about the manifest's worker clocks: too uncertain, or never aligned."""
-    warnings = []
-    for name, worker in workers.items():
-        clock = worker.get("clock") or {}
-        if clock.get("measured") and int(clock.get("max_uncertainty_ns") or 0) > threshold_ns:
-            warnings.append(f"worker {name}: clock uncertainty reached {clock['max_uncertainty_ns'] / 1e6:.2f} ms "
-                            f"(above {threshold_ns / 1e6:g} ms): its timestamps may be off by that much")
-        elif not clock.get("measured") and worker.get("finished"):
-            warnings.append(f"worker {name}: its clock was never aligned to the manager's")
-    return warnings
