@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cpcli.archive.direct import BLOCK_BYTES, O_DIRECT, DirectFile
+from cpcli.archive.direct import BLOCK_BYTES, LOCAL_FILE_SYSTEMS, O_DIRECT, DirectFile, file_system
 from tests.conftest import small_disk
 
 CHUNK = 1 << 20
 
 
 def _takes_direct(folder: Path) -> bool:
-    """Whether this folder's file system opens files with O_DIRECT (ext4, xfs, btrfs do; some do not)."""
-    if not O_DIRECT:
+    """Whether this folder's file system is a local disk's that opens files with O_DIRECT (ext4, xfs, btrfs do)."""
+    if not O_DIRECT or file_system(folder) not in LOCAL_FILE_SYSTEMS:
         return False
     try:
         fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644)
@@ -107,3 +108,30 @@ def test_a_full_disk_raises_enospc_and_what_was_written_is_a_prefix(full_disk: P
     held = path.read_bytes()
     assert written <= len(held) < 8 * CHUNK
     assert held == b"".join(_pattern(CHUNK, i) for i in range(8))[:len(held)]
+
+
+def test_the_file_system_type_comes_from_the_mount_table_and_only_local_disks_are_written_directly(
+        tmp_path: Path) -> None:
+    found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(tmp_path)], capture_output=True,
+                           text=True, timeout=10)
+    assert found.returncode == 0, found.stderr
+    assert file_system(tmp_path) == found.stdout.strip().splitlines()[0]
+    assert file_system(tmp_path / "not" / "there") == file_system(tmp_path)  # not made yet: its parents' mount
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    with small_disk(tmp_path / "small disk", 1 << 20) as folder:  # a space in the mount point: escaped there
+        assert file_system(folder) == "tmpfs"
+    folder = tmp_path / "ram"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(folder)], capture_output=True, text=True,
+                             timeout=10)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        assert file_system(folder) == "ramfs" and "ramfs" not in LOCAL_FILE_SYSTEMS
+        with DirectFile(folder / "out.bin", CHUNK) as out:
+            assert not out.direct  # not a file system written directly: the page cache takes it
+            out.write(b"kept")
+        assert (folder / "out.bin").read_bytes() == b"kept"
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True, timeout=10).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=10)

@@ -11,6 +11,8 @@ an anonymous mmap (page aligned); every write but the file's last is a whole num
 the last block is padded with zeros and the file then truncated to its true length. Where any of
 that is refused (no O_DIRECT on this system, a file system that says EINVAL, an unaligned resume
 point it cannot trim to) the file is written through the page cache instead, with the same bytes.
+Only local disk file systems are written directly: on a network one (NFS, SMB, FUSE) every direct
+write would wait for the server, where the page cache lets the writes run ahead of it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,34 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 from pathlib import Path
 
 BLOCK_BYTES = 4096  # O_DIRECT alignment: a multiple of every common device's logical block (512 or 4096)
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere (macOS) every file goes through the page cache
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "bcachefs", "zfs", "exfat",
+                                "vfat", "ntfs3", "tmpfs", "overlay"})  # written directly; any other type is buffered
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def file_system(path: Path) -> str | None:
+    """The type of the file system that holds `path` (an existing folder or file), None where unknown."""
+    try:
+        real = os.path.realpath(path)
+        with open(MOUNTINFO, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    found, kind = "", None
+    for line in lines:  # `id parent major:minor root mount-point options [optional...] - type source super-options`
+        fields = line.split(" ")
+        if "-" not in fields[6:] or len(fields) < 5:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda x: chr(int(x.group(1), 8)), fields[4])  # "\040" is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(found):  # the deepest mount; of equal ones the later (mounted on top)
+            found, kind = point, fields[fields.index("-", 6) + 1]
+    return kind
 
 
 class DirectFile:
@@ -40,7 +66,7 @@ class DirectFile:
         self.capacity_bytes = capacity_bytes
         self._fd = -1
         self.direct = False
-        if direct and O_DIRECT:
+        if direct and O_DIRECT and file_system(path.parent) in LOCAL_FILE_SYSTEMS:
             try:
                 self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644)
                 self.direct = True
