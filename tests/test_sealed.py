@@ -1,6 +1,6 @@
 """Sealed streams: a large file's chunks beside Curve, AES-GCM under a key of that file, handed over Curve.
 
-Real archive servers on 127.0.0.1 with a member's keys; strangers speak to the plain data port.
+Real archive servers on 127.0.0.1 with a member's keys; strangers speak to the plain data port (TCP).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from cpcli.archive.direct import DirectFile
 from cpcli.cluster import keys
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, ArchiveServer
-from cpcli.cluster.sealed import GET, MAX_SEALS, SEAL_GONE, SEALED, Opener, Seal, SealError
+from cpcli.cluster.sealed import CHUNK_BYTES as SEALED_CHUNK_BYTES
+from cpcli.cluster.sealed import GONE, HEADER, MAGIC, MAX_SEALS, MAX_STREAMS, OPEN, TAG_BYTES, Opener, Seal, SealError
 from cpcli.cluster.transfer import SEAL_MIN_BYTES, ArchiveLink, Refused
 from cpcli.transport.curve import Credentials
 
@@ -67,16 +68,48 @@ def _fetch(link: ArchiveLink, path: str, size: int, tmp_path: Path) -> tuple[str
     return got, part.read_bytes()
 
 
-def _plain(context: zmq.Context[Any], port: int) -> zmq.Socket[Any]:
-    """A DEALER on the data port with no keys at all: anyone on the network."""
-    sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
+def _connect(port: int) -> socket.socket:
+    """A TCP connection to a data port with no keys at all: anyone on the network."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    sock.settimeout(WAIT_S)
     return sock
 
 
-def _answer(sock: zmq.Socket[Any], timeout_s: float = WAIT_S) -> list[bytes] | None:
-    return sock.recv_multipart() if sock.poll(int(timeout_s * 1000)) else None
+def _read(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes, or fewer if the server cut the stream first."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _opened(port: int, seal: Seal) -> tuple[socket.socket, bytes]:
+    """A stream of `seal` and the server's first answer (OPEN, GONE, or b"" if it cut the stream)."""
+    sock = _connect(port)
+    sock.sendall(seal.hello())
+    return sock, _read(sock, 1)
+
+
+def _chunk(sock: socket.socket, seal: Seal, offset: int, size: int) -> tuple[bytes, bytes]:
+    """Ask an open stream for one chunk: its header and its sealed bytes."""
+    sock.sendall(seal.request(offset, size))
+    header = _read(sock, HEADER.size)
+    got = HEADER.unpack(header)[1]
+    return header, _read(sock, got + TAG_BYTES)
+
+
+def _cut(sock: socket.socket) -> bool:
+    """Whether the server ended the stream without another byte (within QUIET_S)."""
+    sock.settimeout(QUIET_S)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
 
 
 def _until(done: Callable[[], bool], what: str) -> None:
@@ -170,58 +203,91 @@ def test_sealed_chunks_on_the_wire_are_ciphertext_that_opens_only_unaltered(
     with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: member) as server:
         link = ArchiveLink(context, server.address, 3.0, member)
         relay = _Relay(server.sealed.port)
-        sock = _plain(context, relay.port)
         try:
             seal = Seal.from_reply(link.request(m.SEAL, {"session": "s1", "path": "w9/mic/audio.wav"}, m.SEAL_REPLY))
-            sock.send_multipart(seal.request(0, CHUNK_BYTES))
-            frames = _answer(sock)
-            assert frames is not None and frames[0] == SEALED
+            sock, status = _opened(relay.port, seal)
+            with sock:
+                assert status == OPEN
+                header, sealed = _chunk(sock, seal, 0, CHUNK_BYTES)
         finally:
-            sock.close()
             relay.close()
             link.close()
+    assert HEADER.unpack(header) == (0, CHUNK_BYTES, 0)
     opener = Opener(seal)
-    assert opener.header(frames) == (0, CHUNK_BYTES, 0)
     out = bytearray(CHUNK_BYTES)
-    opener.open_into(frames, memoryview(out))
+    opener.open_into(header, memoryview(sealed), memoryview(out))
     assert bytes(out) == content[:CHUNK_BYTES]
     assert len(relay.seen) > CHUNK_BYTES and MARKER not in relay.seen  # the chunk crossed, none of it readable
-    altered = list(frames)
-    altered[3] = bytes([frames[3][0] ^ 1]) + frames[3][1:]
+    altered = bytes([sealed[0] ^ 1]) + sealed[1:]
     with pytest.raises(SealError, match="does not authenticate"):
-        opener.open_into(altered, memoryview(out))
-    moved = list(frames)
-    moved[2] = (CHUNK_BYTES).to_bytes(8, "big") + frames[2][8:]  # the same chunk passed off as the next one
+        opener.open_into(header, memoryview(altered), memoryview(out))
+    moved = (CHUNK_BYTES).to_bytes(8, "big") + header[8:]  # the same chunk passed off as the next one
     with pytest.raises(SealError):
-        opener.open_into(moved, memoryview(out))
+        opener.open_into(moved, memoryview(sealed), memoryview(out))
     other = Seal(seal.port, seal.ticket, secrets.token_bytes(32), seal.mac_key)
     with pytest.raises(SealError):
-        Opener(other).open_into(frames, memoryview(out))
+        Opener(other).open_into(header, memoryview(sealed), memoryview(out))
 
 
 def test_a_stranger_on_the_data_port_gets_nothing_and_the_server_goes_on(
         tmp_path: Path, member: Credentials, context: zmq.Context[Any]) -> None:
     data, files = _session(tmp_path)
     with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: member) as server:
+        port = server.sealed.port
         link = ArchiveLink(context, server.address, 3.0, member)
-        stranger = _plain(context, server.sealed.port)
         try:
             seal = Seal.from_reply(link.request(m.SEAL, {"session": "s1", "path": "w9/mic/audio.wav"}, m.SEAL_REPLY))
-            unknown = secrets.token_bytes(16)
-            stranger.send_multipart(Seal(seal.port, unknown, seal.key, seal.mac_key).request(0, 100))
-            assert _answer(stranger) == [SEAL_GONE, unknown]  # no such seal: nothing read
-            forged = seal.request(0, 100)
-            forged[3] = secrets.token_bytes(16)  # a sniffed ticket id, without the MAC key
-            stranger.send_multipart(forged)
-            for garbage in ([b"x"], [GET, seal.ticket, b"short", b"mac"], [GET] * 9, [b"\x00" * 60] * 4):
-                stranger.send_multipart(garbage)
-            assert _answer(stranger, QUIET_S) is None
-            _until(lambda: server.sealed.dropped == 5, "5 requests dropped")
+            unknown = Seal(port, secrets.token_bytes(16), seal.key, seal.mac_key)
+            sock, status = _opened(port, unknown)
+            sock.close()
+            assert status == GONE  # no such seal: nothing read
+            forged = Seal(port, seal.ticket, seal.key, secrets.token_bytes(32))  # a sniffed ticket, not its MAC key
+            sock, status = _opened(port, forged)
+            sock.close()
+            assert status == b""  # cut unanswered
+            for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(16), MAGIC + bytes(8), bytes(64)):
+                with _connect(port) as sock:
+                    sock.sendall(garbage)
+                    sock.shutdown(socket.SHUT_WR)
+                    assert _cut(sock), garbage
+            with _opened(port, seal)[0] as sock:  # a member's stream, then a request with a bad MAC
+                good = seal.request(0, 100)
+                sock.sendall(good[:-1] + bytes([good[-1] ^ 1]))
+                assert _cut(sock)
+            with _opened(port, seal)[0] as sock:  # and one asking for more than a chunk
+                sock.sendall(seal.request(0, SEALED_CHUNK_BYTES + 1))
+                assert _cut(sock)
+            _until(lambda: server.sealed.dropped == 6 and server.sealed.open_streams == 0, "6 streams cut")
             assert server.sealed.served_bytes == 0
             content = files["w9/mic/audio.wav"]
             assert _fetch(link, "w9/mic/audio.wav", len(content), tmp_path)[1] == content  # members still served
         finally:
-            stranger.close()
+            link.close()
+
+
+def test_at_most_max_streams_run_at_once(tmp_path: Path, member: Credentials, context: zmq.Context[Any]) -> None:
+    data, _files = _session(tmp_path)
+    with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: member) as server:
+        link = ArchiveLink(context, server.address, 3.0, member)
+        streams: list[socket.socket] = []
+        try:
+            seal = Seal.from_reply(link.request(m.SEAL, {"session": "s1", "path": "w9/mic/audio.wav"}, m.SEAL_REPLY))
+            for _ in range(MAX_STREAMS):
+                sock, status = _opened(server.sealed.port, seal)
+                streams.append(sock)
+                assert status == OPEN
+            one_more = _connect(server.sealed.port)
+            streams.append(one_more)
+            assert _cut(one_more)  # cut before a word: the server's threads are bounded
+            streams.pop().close()
+            streams.pop(0).close()  # one ends: room for the next
+            _until(lambda: server.sealed.open_streams == MAX_STREAMS - 1, "a stream gone")
+            sock, status = _opened(server.sealed.port, seal)
+            streams.append(sock)
+            assert status == OPEN
+        finally:
+            for sock in streams:
+                sock.close()
             link.close()
 
 
@@ -229,17 +295,19 @@ def test_a_seal_idle_too_long_ends(tmp_path: Path, member: Credentials, context:
     data, _files = _session(tmp_path)
     with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: member, seal_idle_s=0.3) as server:
         link = ArchiveLink(context, server.address, 3.0, member)
-        sock = _plain(context, server.sealed.port)
         try:
             seal = Seal.from_reply(link.request(m.SEAL, {"session": "s1", "path": "w9/mic/audio.wav"}, m.SEAL_REPLY))
-            sock.send_multipart(seal.request(0, 100))
-            frames = _answer(sock)
-            assert frames is not None and frames[0] == SEALED
-            _until(lambda: server.sealed.open_seals == 0, "the idle seal closed")
-            sock.send_multipart(seal.request(0, 100))
-            assert _answer(sock) == [SEAL_GONE, seal.ticket]
-        finally:
+            sock, status = _opened(server.sealed.port, seal)
+            with sock:
+                assert status == OPEN
+                header, _sealed = _chunk(sock, seal, 0, 100)
+                assert HEADER.unpack(header)[1] == 100
+                _until(lambda: server.sealed.open_seals == 0, "the idle seal closed")
+                assert _cut(sock)  # its stream with it
+            sock, status = _opened(server.sealed.port, seal)
             sock.close()
+            assert status == GONE
+        finally:
             link.close()
 
 
@@ -250,23 +318,23 @@ def test_seals_end_past_the_limit_and_when_the_keys_change(tmp_path: Path, membe
     body = {"session": "s1", "path": "w9/mic/audio.wav"}
     with ArchiveServer(data, "127.0.0.1", "w9", log, lambda: holder[0]) as server:
         link = ArchiveLink(context, server.address, 3.0, member)
-        sock = _plain(context, server.sealed.port)
         try:
             seals = [Seal.from_reply(link.request(m.SEAL, body, m.SEAL_REPLY)) for _ in range(MAX_SEALS + 1)]
             assert server.sealed.open_seals == MAX_SEALS
-            sock.send_multipart(seals[0].request(0, 100))  # the oldest made room for the newest
-            assert _answer(sock) == [SEAL_GONE, seals[0].ticket]
-            sock.send_multipart(seals[-1].request(0, 100))
-            frames = _answer(sock)
-            assert frames is not None and frames[0] == SEALED
-            holder[0] = keys.parse_token(keys.encode_token(Credentials(
-                "lab", member.manager_public, secrets.token_bytes(keys.SECRET_BYTES))))
-            _until(lambda: server.credentials is holder[0], "the server listening with the new keys")
-            sock.send_multipart(seals[-1].request(0, 100))  # got under the old keys: nothing more
-            assert _answer(sock) == [SEAL_GONE, seals[-1].ticket]
-            assert server.sealed.open_seals == 0
-        finally:
+            sock, status = _opened(server.sealed.port, seals[0])  # the oldest made room for the newest
             sock.close()
+            assert status == GONE
+            sock, status = _opened(server.sealed.port, seals[-1])
+            with sock:
+                assert status == OPEN
+                holder[0] = keys.parse_token(keys.encode_token(Credentials(
+                    "lab", member.manager_public, secrets.token_bytes(keys.SECRET_BYTES))))
+                _until(lambda: server.credentials is holder[0], "the server listening with the new keys")
+                assert _cut(sock)  # got under the old keys: its open stream ends too
+            sock, status = _opened(server.sealed.port, seals[-1])
+            sock.close()
+            assert status == GONE and server.sealed.open_seals == 0
+        finally:
             link.close()
 
 
@@ -281,7 +349,8 @@ def test_a_fetch_whose_seals_keep_ending_finishes_over_curve(tmp_path: Path, mem
         finally:
             link.close()
         assert held == content and got == hashlib.sha256(content).hexdigest()
-        assert server.served_bytes == len(content)  # each seal ended before its first chunk: Curve carried it
+        # each seal ended at the server's next turn: what it had not sent by then came over Curve
+        assert server.served_bytes > 0 and server.served_bytes + server.sealed.served_bytes >= len(content)
 
 
 def test_a_seal_for_a_path_outside_the_part_is_refused(tmp_path: Path, member: Credentials,

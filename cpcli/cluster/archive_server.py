@@ -78,7 +78,7 @@ class ArchiveServer:
         try:
             self._router = Router(self._context, host, 0, self._log, keys, what="archive server")
             try:
-                self._sealed = SealedStreams(self._context, host, self._log, seal_idle_s)
+                self._sealed = SealedStreams(host, self._log, seal_idle_s)
             except Exception:
                 self._router.close()
                 raise
@@ -144,7 +144,7 @@ class ArchiveServer:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router.socket, zmq.POLLIN)
-        poller.register(self._sealed.socket, zmq.POLLIN)
+        poller.register(self._sealed.listener, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 self._router.check()
@@ -160,8 +160,8 @@ class ArchiveServer:
                         return
                     poller.register(self._router.socket, zmq.POLLIN)
                 ready = dict(poller.poll(POLL_MS))
-                if self._sealed.socket in ready:
-                    self._sealed.serve()
+                if self._sealed.listener.fileno() in ready:  # zmq.Poller names plain sockets by descriptor
+                    self._sealed.accept()
                 if self._router.socket not in ready:
                     continue
                 while (message := self._router.receive()) is not None:

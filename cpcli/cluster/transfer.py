@@ -13,6 +13,7 @@ What a whole part of a session makes of these files is `cluster/parts.py`'s.
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from cpcli.archive.direct import DirectFile
 from cpcli.cluster import messages as m
 from cpcli.cluster.archive_server import CHUNK_BYTES, listing_digest, sha256_prefix
 from cpcli.cluster.sealed import CHUNK_BYTES as SEALED_CHUNK_BYTES
-from cpcli.cluster.sealed import TAG_BYTES, Opener, Seal, SealError
+from cpcli.cluster.sealed import GONE, HEADER, OPEN, TAG_BYTES, Opener, Seal, SealError, receive_exactly
 from cpcli.errors import AccessError, TransportError
 from cpcli.transport.curve import Credentials, HandshakeWatch, refusal_message
 from cpcli.transport.protocol import PROTOCOL_VERSION, pack_object, unpack_object
@@ -40,7 +41,6 @@ HASH_BYTES_PER_S = 50e6  # a slow laptop disk: before deleting, a server hashes 
 SEAL_MIN_BYTES = 4 << 20  # smaller files go over Curve: a seal costs a round trip and an open there
 SEALED_CREDIT = 4  # sealed chunks in flight per server: 16 MiB, as many bytes ahead as CREDIT's twice over
 RESEALS = 3  # a seal that ends mid-file (idle too long, keys rotated) is asked for again this often
-DATA_MAX_BYTES = SEALED_CHUNK_BYTES + TAG_BYTES + 4096  # the largest reply the data socket takes
 
 
 class Unreachable(Exception):
@@ -63,8 +63,7 @@ class ArchiveLink:
         self.credentials = credentials
         self.received_bytes = 0
         self.sealing = True  # False once this server's data port stayed silent: Curve carries the rest
-        self._data: zmq.Socket[Any] | None = None
-        self._data_port = 0
+        self._sealed: bytearray | None = None  # a sealed chunk as it arrives (made on the first large file)
         self._socket, self._watch = self._open()
 
     def _open(self) -> tuple[zmq.Socket[Any], HandshakeWatch]:
@@ -89,31 +88,8 @@ class ArchiveLink:
         self._socket, self._watch = self._open()
 
     def close(self) -> None:
-        self._close_data()
         self._watch.close()
         self._socket.close()
-
-    def _close_data(self) -> None:
-        if self._data is not None:
-            self._data.close(linger=0)
-            self._data = None
-
-    def _data_socket(self, port: int) -> zmq.Socket[Any]:
-        """A plain DEALER to the server's data port (one per link, reopened when the port changes)."""
-        if self._data is None or self._data_port != port:
-            self._close_data()
-            sock: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, SEALED_CREDIT * 4)
-            sock.setsockopt(zmq.RCVHWM, SEALED_CREDIT * 4)
-            sock.setsockopt(zmq.MAXMSGSIZE, DATA_MAX_BYTES)
-            try:
-                sock.connect(f"{self.address.rsplit(':', 1)[0]}:{port}")
-            except zmq.ZMQError as err:
-                sock.close()
-                raise Unreachable(f"cannot connect to port {port} of {self.address}") from err
-            self._data, self._data_port = sock, port
-        return self._data
 
     def _check_refused(self) -> None:
         kind = self._watch.check()
@@ -223,48 +199,61 @@ class ArchiveLink:
                     return
             except Unreachable:  # its data port is not reachable from here (a firewall?): Curve carries on
                 self.sealing = False
-                self._close_data()
                 return
 
     def _pull_through(self, seal: Seal, size: int, out: DirectFile, digest: Any,
                       on_bytes: Callable[[int], None]) -> bool:
-        """Pull chunks through one seal until the file is whole (True) or the server says the seal ended (False)."""
-        sock = self._data_socket(seal.port)
+        """Pull chunks through one seal's stream until the file is whole (True) or the seal ended (False).
+
+        Raises Unreachable when the data port cannot be reached or falls silent for timeout_s.
+        """
+        host = self.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        try:
+            sock = socket.create_connection((host, seal.port), timeout=self.timeout_s)
+        except OSError as err:
+            raise Unreachable(f"cannot reach the data port {seal.port} of {self.address} ({err})") from err
+        if self._sealed is None:
+            self._sealed = bytearray(SEALED_CHUNK_BYTES + TAG_BYTES)
         opener = Opener(seal)
+        header = bytearray(HEADER.size)
         asked = out.offset
         pending: deque[tuple[int, int]] = deque()
-        while out.offset < size:
-            while len(pending) < SEALED_CREDIT and asked < size:
-                n = min(SEALED_CHUNK_BYTES, size - asked)
-                sock.send_multipart(seal.request(asked, n))
-                pending.append((asked, n))
-                asked += n
-            frames = self._receive_data(sock)
-            if opener.gone(frames):
-                return False
-            header = opener.header(frames)
-            if header is None:
-                continue  # a late reply of an earlier seal, or not for us
-            want, n = pending.popleft()
-            offset, got, _counter = header
-            if offset != want or got != n:
-                raise Refused(f"a file changed on the worker (a short or misplaced chunk at {want})")
-            with out.buffer(n) as view:
+        with sock:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests leave at once
+                sock.sendall(seal.hello())
+                status = bytearray(1)
+                if not receive_exactly(sock, memoryview(status)) or bytes(status) == GONE:
+                    return False
+                if bytes(status) != OPEN:
+                    raise Unreachable(f"the data port of {self.address} answered {bytes(status)!r}")
+            except OSError as err:
+                raise Unreachable(f"the data port of {self.address}: {err}") from err
+            while out.offset < size:
                 try:
-                    opener.open_into(frames, view)
-                except SealError as err:
-                    raise Refused(f"a chunk at {want}: {err}") from err
-                digest.update(view)
-            out.write_buffer(n)
-            self.received_bytes += n
-            on_bytes(n)
+                    while len(pending) < SEALED_CREDIT and asked < size:
+                        n = min(SEALED_CHUNK_BYTES, size - asked)
+                        sock.sendall(seal.request(asked, n))
+                        pending.append((asked, n))
+                        asked += n
+                    if not receive_exactly(sock, memoryview(header)):
+                        return False  # the stream was cut: the seal ended (idle, keys changed, file deleted)
+                    want, n = pending.popleft()
+                    offset, got, _counter = HEADER.unpack(header)
+                    if offset != want or got != n:
+                        raise Refused(f"a file changed on the worker (a short or misplaced chunk at {want})")
+                    sealed = memoryview(self._sealed)[:n + TAG_BYTES]
+                    if not receive_exactly(sock, sealed):
+                        return False
+                except OSError as err:  # a timeout too: the data port fell silent
+                    raise Unreachable(f"the data port of {self.address}: {err}") from err
+                with out.buffer(n) as view:  # decrypted where it is written from; a full disk is its own OSError
+                    try:
+                        opener.open_into(bytes(header), sealed, view)
+                    except SealError as err:
+                        raise Refused(f"a chunk at {want}: {err}") from err
+                    digest.update(view)
+                out.write_buffer(n)
+                self.received_bytes += n
+                on_bytes(n)
         return True
-
-    def _receive_data(self, sock: zmq.Socket[Any]) -> list[zmq.Frame]:
-        """The next reply on the data socket; Unreachable after timeout_s of silence (NotMemberError if refused)."""
-        deadline = time.monotonic() + self.timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if sock.poll(min(int(left * 1000) + 1, WATCH_MS)):
-                return sock.recv_multipart(copy=False)
-            self._check_refused()
-        raise Unreachable(f"the data port of {self.address} did not answer within {self.timeout_s:g} s")
