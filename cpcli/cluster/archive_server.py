@@ -8,6 +8,8 @@ refused, and nothing outside the data folder is ever read. The client sets the p
 answers one FETCH, so the number of chunks in flight is the client's credit. Only members connect
 (the member key, checked by the Router's gatekeeper); when the keys change (a rotation, a new
 token saved) the server listens again with the new ones, cutting every connection made before.
+A large file is served beside this ROUTER, through a seal handed out on it (SEAL): the data
+listener and its streams are `cluster/sealed.py`'s, and a key change ends every seal too.
 
 A worker deletes its part of a finished session (DELETE_PART) only when the client names exactly
 the part it holds now, every path with the sha256 the server holds for it; the manager's records
@@ -319,17 +321,6 @@ def _rmdir(folder: Path) -> None:
     """Remove `folder` if it is an empty folder (rmdir(2) refuses a full one, and a symlink)."""
     with contextlib.suppress(OSError):
         folder.rmdir()
-
-
-def sha256_prefix(path: Path) -> tuple[int, Any]:
-    """A partial file's size and running sha256 (to continue hashing as its remaining chunks arrive)."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest
 
 
 class _Refused(Exception):

@@ -25,7 +25,7 @@ import zmq
 
 from cpcli.archive.direct import DirectFile
 from cpcli.cluster import messages as m
-from cpcli.cluster.archive_server import CHUNK_BYTES, listing_digest, sha256_prefix
+from cpcli.cluster.archive_server import CHUNK_BYTES, listing_digest
 from cpcli.cluster.sealed import CHUNK_BYTES as SEALED_CHUNK_BYTES
 from cpcli.cluster.sealed import GONE, HEADER, OPEN, TAG_BYTES, Opener, Seal, SealError, receive_exactly
 from cpcli.errors import AccessError, TransportError
@@ -155,7 +155,7 @@ class ArchiveLink:
         try:
             # past the page cache: the bytes are not read here again
             with DirectFile(part, max(CHUNK_BYTES, SEALED_CHUNK_BYTES)) as out:
-                digest = sha256_prefix(part)[1] if out.offset else hashlib.sha256()
+                digest = _hash_prefix(part) if out.offset else hashlib.sha256()
                 if self.sealing and size - out.offset >= SEAL_MIN_BYTES:
                     self._pull_sealed(session, path, size, out, digest, on_bytes)
                 self._pull(session, path, size, out, digest, on_bytes)
@@ -195,13 +195,13 @@ class ArchiveLink:
             except SealError as err:
                 raise Refused(f"{path}: {err}") from err
             try:
-                if self._pull_through(seal, size, out, digest, on_bytes):
+                if self._pull_through(seal, path, size, out, digest, on_bytes):
                     return
             except Unreachable:  # its data port is not reachable from here (a firewall?): Curve carries on
                 self.sealing = False
                 return
 
-    def _pull_through(self, seal: Seal, size: int, out: DirectFile, digest: Any,
+    def _pull_through(self, seal: Seal, path: str, size: int, out: DirectFile, digest: Any,
                       on_bytes: Callable[[int], None]) -> bool:
         """Pull chunks through one seal's stream until the file is whole (True) or the seal ended (False).
 
@@ -241,7 +241,7 @@ class ArchiveLink:
                     want, n = pending.popleft()
                     offset, got, _counter = HEADER.unpack(header)
                     if offset != want or got != n:
-                        raise Refused(f"a file changed on the worker (a short or misplaced chunk at {want})")
+                        raise Refused(f"{path} changed on the worker (a short or misplaced chunk at {want})")
                     sealed = memoryview(self._sealed)[:n + TAG_BYTES]
                     if not receive_exactly(sock, sealed):
                         return False
@@ -251,9 +251,18 @@ class ArchiveLink:
                     try:
                         opener.open_into(bytes(header), sealed, view)
                     except SealError as err:
-                        raise Refused(f"a chunk at {want}: {err}") from err
+                        raise Refused(f"{path}: {err} at {want}") from err
                     digest.update(view)
                 out.write_buffer(n)
                 self.received_bytes += n
                 on_bytes(n)
         return True
+
+
+def _hash_prefix(part: Path) -> Any:
+    """The running sha256 of a partial file, to continue hashing as its remaining chunks arrive."""
+    digest = hashlib.sha256()
+    with part.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest
